@@ -1,0 +1,379 @@
+"""Reversible edits.
+
+Three kinds cover every method (see DESIGN.md):
+
+* :class:`WeightDelta` — changes to existing weights, stored as dense deltas or low-rank
+  factors (FT, KN, ROME, MEMIT, KE, MEND, AlphaEdit);
+* :class:`ModulePatch` — extra parameters attached with forward hooks (T-Patcher, CaliNET,
+  GRACE); the model's own weights are never touched;
+* :class:`InferenceWrapper` — a router or context in front of the unchanged model (SERAC, IKE).
+
+Applying keeps a copy of exactly the tensors it changes, and reverting copies them back, so
+revert restores every parameter bit for bit. An edit is applied at most once at a time and
+edits on one model must be reverted in reverse order (the handle keeps the stack and checks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from editing.request import EditRequest
+
+if TYPE_CHECKING:
+    from editing.models import ModelHandle
+
+
+class EditError(RuntimeError):
+    """An edit could not be computed or applied; the model is left as it was."""
+
+
+class EditOrderError(EditError):
+    """Edits on a model were applied or reverted out of stack order."""
+
+
+#: type name -> Edit subclass, for loading saved edits
+EDIT_TYPES: dict[str, type[Edit]] = {}
+
+
+def register_edit_type(cls: type[Edit]) -> type[Edit]:
+    """Class decorator: make an Edit subclass loadable by :func:`load_edit`."""
+    EDIT_TYPES[cls.__name__] = cls
+    return cls
+
+
+@dataclass
+class EditStats:
+    """Cost of computing an edit."""
+
+    wall_time_s: float = 0.0
+    peak_memory_bytes: int = 0
+    memory_kind: str = "rss"
+
+
+@dataclass(eq=False)
+class Edit(ABC):
+    """A computed edit: what it changes, for which requests, how, and at what cost."""
+
+    method: str
+    requests: list[EditRequest]
+    hparams: dict[str, Any]
+    stats: EditStats = field(default_factory=EditStats)
+    info: dict[str, Any] = field(default_factory=dict)  # method-specific, JSON-serialisable
+
+    kind: ClassVar[str] = "abstract"
+
+    def __post_init__(self) -> None:
+        self._applied_to: ModelHandle | None = None
+
+    # -- applying ------------------------------------------------------------------------------
+    @property
+    def is_applied(self) -> bool:
+        return self._applied_to is not None
+
+    def apply(self, handle: ModelHandle) -> None:
+        """Put the edit into ``handle``'s model (it becomes the top of the handle's stack)."""
+        if self._applied_to is not None:
+            raise EditOrderError("This edit is already applied.")
+        with torch.no_grad():
+            self._apply(handle)
+        self._applied_to = handle
+        handle_stack(handle).append(self)
+
+    def revert(self, handle: ModelHandle) -> None:
+        """Undo :meth:`apply` exactly; only the most recently applied edit may be reverted."""
+        if self._applied_to is not handle:
+            raise EditOrderError("This edit is not applied to that model.")
+        stack = handle_stack(handle)
+        if not stack or stack[-1] is not self:
+            raise EditOrderError("Edits must be reverted in reverse order of application.")
+        with torch.no_grad():
+            self._revert(handle)
+        stack.pop()
+        self._applied_to = None
+
+    @abstractmethod
+    def _apply(self, handle: ModelHandle) -> None: ...
+
+    @abstractmethod
+    def _revert(self, handle: ModelHandle) -> None: ...
+
+    # -- inference routing (only wrappers change it) -------------------------------------------
+    def route(self, handle: ModelHandle, route: Route) -> Route:
+        """How a query is answered while this edit is active; weight edits change nothing here."""
+        return route
+
+    # -- size and persistence ------------------------------------------------------------------
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the edit stores (for saving and for measuring its size)."""
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable state besides tensors (subclasses extend)."""
+        return {}
+
+    @classmethod
+    @abstractmethod
+    def from_parts(cls, common: dict[str, Any], config: dict[str, Any],
+                   tensors: dict[str, torch.Tensor]) -> Edit: ...
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``<path>.json`` and ``<path>.safetensors`` (no pickle), atomically."""
+        return save_edit(self, path)
+
+
+def handle_stack(handle: ModelHandle) -> list[Edit]:
+    """The edits currently applied to ``handle``'s model, oldest first."""
+    stack = getattr(handle, "_applied_edits", None)
+    if stack is None:
+        stack = []
+        handle._applied_edits = stack  # type: ignore[attr-defined]
+    return stack
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight deltas
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ParamDelta:
+    """A change to one parameter, in the parameter's own storage shape.
+
+    Either ``dense`` (same shape as the parameter) or the low-rank pair ``left @ right``.
+    """
+
+    dense: torch.Tensor | None = None
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.dense is None) == (self.left is None or self.right is None):
+            raise ValueError("A ParamDelta is either dense or a (left, right) low-rank pair.")
+
+    @classmethod
+    def low_rank(cls, left: torch.Tensor, right: torch.Tensor) -> ParamDelta:
+        return cls(left=left.detach(), right=right.detach())
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.dense is not None:
+            return tuple(self.dense.shape)
+        assert self.left is not None and self.right is not None
+        return (*self.left.shape[:-1], self.right.shape[-1])
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.left is None else self.left.shape[1]
+
+    def materialise(self) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense
+        assert self.left is not None and self.right is not None
+        return self.left.float() @ self.right.float()
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        if self.dense is not None:
+            return {f"{prefix}::dense": self.dense}
+        assert self.left is not None and self.right is not None
+        return {f"{prefix}::left": self.left, f"{prefix}::right": self.right}
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
+
+
+@register_edit_type
+@dataclass(eq=False)
+class WeightDelta(Edit):
+    """Added deltas on named parameters (``W ← W + Δ``); revert copies the saved originals back."""
+
+    deltas: dict[str, ParamDelta] = field(default_factory=dict)
+    kind: ClassVar[str] = "weight_delta"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._backup: dict[str, torch.Tensor] = {}
+        for name, delta in self.deltas.items():
+            for tensor in delta.tensors(name).values():
+                if not is_finite(tensor):
+                    raise EditError(f"The update for {name} has NaN or infinite values; not applied.")
+
+    def _apply(self, handle: ModelHandle) -> None:
+        params = {name: handle.parameter(name) for name in self.deltas}
+        for name, param in params.items():
+            shape = self.deltas[name].shape
+            if shape != tuple(param.shape):
+                raise EditError(f"Delta for {name} has shape {shape}, parameter has {tuple(param.shape)}.")
+        self._backup = {name: param.detach().clone() for name, param in params.items()}
+        try:
+            for name, param in params.items():
+                delta = self.deltas[name].materialise().to(param.device, torch.float32)
+                param.copy_((param.float() + delta).to(param.dtype))
+        except BaseException:
+            for name, original in self._backup.items():
+                params[name].copy_(original)
+            self._backup = {}
+            raise
+
+    def _revert(self, handle: ModelHandle) -> None:
+        for name, original in self._backup.items():
+            handle.parameter(name).copy_(original)
+        self._backup = {}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, delta in self.deltas.items():
+            out.update(delta.tensors(name))
+        return out
+
+    @classmethod
+    def from_parts(cls, common: dict[str, Any], config: dict[str, Any],
+                   tensors: dict[str, torch.Tensor]) -> WeightDelta:
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            name, part = key.rsplit("::", 1)
+            grouped.setdefault(name, {})[part] = tensor
+        deltas = {name: ParamDelta(**parts) for name, parts in grouped.items()}
+        return cls(deltas=deltas, **common)
+
+
+# ---------------------------------------------------------------------------------------------
+# Module patches
+# ---------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class ModulePatch(Edit):
+    """Extra parameters attached to modules by forward hooks; the model's weights are untouched.
+
+    Subclasses implement :meth:`hooks`, returning ``(module name, forward hook)`` pairs; the hook
+    has the signature of ``nn.Module.register_forward_hook`` and returns the new output.
+    """
+
+    kind: ClassVar[str] = "module_patch"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        for key, tensor in self.tensors().items():
+            if not is_finite(tensor):
+                raise EditError(f"The patch tensor {key} has NaN or infinite values; not applied.")
+
+    @abstractmethod
+    def hooks(self, handle: ModelHandle) -> list[tuple[str, Callable]]: ...
+
+    def _apply(self, handle: ModelHandle) -> None:
+        for name, hook in self.hooks(handle):
+            self._handles.append(handle.module(name).register_forward_hook(hook))
+
+    def _revert(self, handle: ModelHandle) -> None:
+        for hook_handle in self._handles:
+            hook_handle.remove()
+        self._handles = []
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference wrappers
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Route:
+    """How one query is answered: by which model handle, with which full prompt text.
+
+    ``prefix_chars`` is the length of text put before the user's prompt (IKE's demonstrations,
+    SERAC's retrieved edit), so callers can still locate the original prompt's tokens.
+    """
+
+    handle: ModelHandle
+    prompt: str
+    prefix_chars: int = 0
+    routed_by: str | None = None  # method name that changed the route, if any
+
+
+@dataclass(eq=False)
+class InferenceWrapper(Edit):
+    """Leaves every weight alone; changes how queries are answered through :meth:`route`."""
+
+    kind: ClassVar[str] = "inference_wrapper"
+
+    def _apply(self, handle: ModelHandle) -> None:
+        pass  # routing is consulted by the session while the edit is on its stack
+
+    def _revert(self, handle: ModelHandle) -> None:
+        pass
+
+    @abstractmethod
+    def route(self, handle: ModelHandle, route: Route) -> Route: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistence
+# ---------------------------------------------------------------------------------------------
+def _common_fields(edit: Edit) -> dict[str, Any]:
+    return {
+        "method": edit.method,
+        "requests": [r.to_dict() for r in edit.requests],
+        "hparams": edit.hparams,
+        "stats": vars(edit.stats),
+        "info": edit.info,
+    }
+
+
+def save_edit(edit: Edit, path: str | Path) -> Path:
+    """Save as JSON metadata plus a safetensors file; a half-written save never replaces a good one."""
+    base = Path(path)
+    if base.suffix in (".json", ".safetensors"):
+        base = base.with_suffix("")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "editscope-edit/1", "type": type(edit).__name__, "kind": edit.kind,
+            "common": _common_fields(edit), "config": edit.config()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in edit.tensors().items()}
+    json_tmp, st_tmp = base.with_suffix(".json.tmp"), base.with_suffix(".safetensors.tmp")
+    json_tmp.write_text(json.dumps(meta, indent=1, default=_json_default))
+    save_file(tensors, str(st_tmp))
+    st_tmp.replace(base.with_suffix(".safetensors"))
+    json_tmp.replace(base.with_suffix(".json"))
+    return base.with_suffix(".json")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"Cannot store {type(value).__name__} in edit metadata.")
+
+
+def load_edit(path: str | Path) -> Edit:
+    """Load an edit saved by :func:`save_edit` (JSON + safetensors only; never unpickles)."""
+    base = Path(path)
+    if base.suffix in (".json", ".safetensors"):
+        base = base.with_suffix("")
+    try:
+        meta = json.loads(base.with_suffix(".json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise EditError(f"Cannot read saved edit {base}.json: {err}") from err
+    if meta.get("format") != "editscope-edit/1":
+        raise EditError(f"{base}.json is not an EditScope edit file.")
+    cls = EDIT_TYPES.get(meta.get("type", ""))
+    if cls is None:
+        import editing.methods  # noqa: F401  (registers the edit types of every method)
+
+        cls = EDIT_TYPES.get(meta.get("type", ""))
+    if cls is None:
+        raise EditError(f"Unknown edit type {meta.get('type')!r} in {base}.json.")
+    tensors = load_file(str(base.with_suffix(".safetensors")))
+    common = dict(meta["common"])
+    common["requests"] = [EditRequest.from_dict(r) for r in common["requests"]]
+    common["stats"] = EditStats(**common["stats"])
+    return cls.from_parts(common, meta.get("config", {}), tensors)

@@ -1,0 +1,167 @@
+"""Loading models into a :class:`ModelHandle`: the model, its tokenizer, its layout and a lock."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from editing.arch import SUPPORTED_FAMILIES, ArchSpec, arch_for
+
+
+class ModelNotFound(ValueError):
+    """The model spec names nothing that can be loaded offline."""
+
+
+@dataclass(eq=False)
+class ModelHandle:
+    """A loaded causal LM shared by every edit session of a process.
+
+    The weights are never changed at rest: an :class:`~editing.session.EditSession` applies its
+    edits while holding ``lock`` and reverts them before releasing it.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    arch: ArchSpec
+    name: str
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def n_layers(self) -> int:
+        return self.arch.n_layers(self.model)
+
+    @property
+    def d_model(self) -> int:
+        return self.arch.d_model(self.model)
+
+    @property
+    def d_ff(self) -> int:
+        return self.arch.d_ff(self.model)
+
+    @property
+    def max_length(self) -> int:
+        config = self.model.config
+        for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048
+
+    def module(self, name: str) -> torch.nn.Module:
+        return self.arch.module(self.model, name)
+
+    def parameter(self, name: str) -> torch.nn.Parameter:
+        return self.model.get_parameter(name)
+
+    def fingerprint(self) -> str:
+        """Identifies the model for caches (statistics, trained editors)."""
+        config = self.model.config
+        return f"{self.name}|{config.model_type}|{self.n_layers}|{self.d_model}|{config.vocab_size}"
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The requested device, else CUDA if available, else MPS, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """float32 on CPU; on a GPU the requested dtype (float32, float16 or bfloat16)."""
+    if dtype is None or device.type == "cpu":
+        return torch.float32
+    if isinstance(dtype, str):
+        names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        if dtype not in names:
+            raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(names)}.")
+        return names[dtype]
+    return dtype
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give the tokenizer a pad token (EOS where none) and pad on the right.
+
+    Right padding keeps token positions identical to the unpadded prompt, which the
+    position-indexed methods (ROME's subject token, scoring) rely on.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def handle_from_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                      name: str) -> ModelHandle:
+    """Wrap an already-built model (tests, notebooks) in a handle; puts it in eval mode."""
+    arch = arch_for(model)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return ModelHandle(model=model, tokenizer=prepare_tokenizer(tokenizer), arch=arch, name=name)
+
+
+def load_model(spec: str, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> ModelHandle:
+    """Load ``"demo"``, a local directory, or a Hugging Face id already in the local cache.
+
+    Never runs remote code and prefers safetensors weights.
+    """
+    spec = (spec or "").strip()
+    if not spec:
+        raise ModelNotFound("No model given: use 'demo', a local directory or a Hugging Face id.")
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dev, dtype)
+    if spec == "demo":
+        from editing.demo import ensure_demo_model
+
+        source = str(ensure_demo_model())
+        local_only = True
+    elif Path(spec).expanduser().is_dir():
+        source = str(Path(spec).expanduser())
+        local_only = True
+    else:
+        source = spec
+        local_only = True  # no hub access at run time: only what is already cached
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only,
+                                            trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise ModelNotFound(
+            f"Could not find model {spec!r}: looked for a local directory of that name and for "
+            f"a Hugging Face id in the local cache (no downloads happen at run time). "
+            f"Download it first (e.g. `huggingface-cli download {spec}`) or pass a local path. "
+            f"Supported families: {SUPPORTED_FAMILIES}."
+        ) from err
+    from editing.arch import ARCHITECTURES, UnsupportedArchitecture
+
+    if config.model_type not in ARCHITECTURES:
+        raise UnsupportedArchitecture(
+            f"Model {spec!r} is a {config.model_type!r} model; EditScope supports "
+            f"{SUPPORTED_FAMILIES}."
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        source, local_files_only=local_only, trust_remote_code=False, use_safetensors=None,
+        dtype=torch_dtype,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only,
+                                              trust_remote_code=False)
+    model.to(dev)
+    return handle_from_model(model, tokenizer, name=spec)

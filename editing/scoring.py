@@ -1,0 +1,187 @@
+"""Probability scoring: the one place where prompts meet logits.
+
+Every metric and every method that needs P(target | prompt), teacher-forced token hits or
+top next-token predictions calls these batched functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
+
+from editing.tokens import encode, pad_batch, pad_id, target_ids
+
+if TYPE_CHECKING:
+    from editing.edit import Route
+    from editing.models import ModelHandle
+
+DEFAULT_BATCH = 32
+T = TypeVar("T")
+
+
+@dataclass
+class TargetScore:
+    """How well a model predicts ``target`` after ``prompt`` (teacher-forced)."""
+
+    token_ids: list[int]
+    logprobs: torch.Tensor  # (n_target_tokens,) float32 log P of each target token
+    hits: torch.Tensor  # (n_target_tokens,) bool: the argmax was that token
+
+    @property
+    def logprob(self) -> float:
+        """log P(whole target)."""
+        return float(self.logprobs.sum())
+
+    @property
+    def mean_nll(self) -> float:
+        """Mean negative log-likelihood per target token (CounterFact's comparison)."""
+        return float(-self.logprobs.mean())
+
+    @property
+    def prob(self) -> float:
+        return float(self.logprobs.sum().exp())
+
+    @property
+    def first_token_prob(self) -> float:
+        return float(self.logprobs[0].exp())
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of target tokens predicted by argmax (the survey's token-level accuracy)."""
+        return float(self.hits.float().mean())
+
+
+@dataclass
+class TokenProb:
+    token: str
+    token_id: int
+    prob: float
+
+
+def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[i: i + size] for i in range(0, len(items), size)]
+
+
+@torch.no_grad()
+def score_targets(handle: ModelHandle, prompts: Sequence[str], targets: Sequence[str],
+                  batch_size: int = DEFAULT_BATCH) -> list[TargetScore]:
+    """Teacher-forced log-probabilities and argmax hits of each target after its prompt."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets.")
+    tok = handle.tokenizer
+    out: list[TargetScore] = []
+    for chunk in _chunks(list(zip(prompts, targets, strict=True)), batch_size):
+        prompt_ids = [encode(tok, p) for p, _ in chunk]
+        tgt_ids = [target_ids(tok, p, t) for p, t in chunk]
+        seqs = [p + t for p, t in zip(prompt_ids, tgt_ids, strict=True)]
+        _check_length(handle, seqs)
+        batch = pad_batch(seqs, pad_id(tok), handle.device)
+        logits = handle.model(**batch.model_inputs()).logits.float()
+        for row, (p_ids, t_ids) in enumerate(zip(prompt_ids, tgt_ids, strict=True)):
+            positions = torch.arange(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids), device=logits.device)
+            row_logits = logits[row, positions]
+            wanted = torch.tensor(t_ids, device=logits.device)
+            logprobs = torch.log_softmax(row_logits, dim=-1).gather(1, wanted[:, None])[:, 0]
+            hits = row_logits.argmax(-1) == wanted
+            out.append(TargetScore(t_ids, logprobs.cpu(), hits.cpu()))
+    return out
+
+
+@torch.no_grad()
+def last_token_logprobs(handle: ModelHandle, prompts: Sequence[str],
+                        batch_size: int = DEFAULT_BATCH) -> torch.Tensor:
+    """``(n_prompts, vocab)`` log-distribution of the token after each prompt."""
+    tok = handle.tokenizer
+    rows = []
+    for chunk in _chunks(list(prompts), batch_size):
+        seqs = [encode(tok, p) for p in chunk]
+        _check_length(handle, seqs)
+        batch = pad_batch(seqs, pad_id(tok), handle.device)
+        logits = handle.model(**batch.model_inputs()).logits.float()
+        last = torch.tensor([n - 1 for n in batch.lengths], device=logits.device)
+        rows.append(torch.log_softmax(logits[torch.arange(len(seqs)), last], dim=-1).cpu())
+    return torch.cat(rows)
+
+
+def top_predictions(handle: ModelHandle, prompts: Sequence[str], k: int = 5) -> list[list[TokenProb]]:
+    """The ``k`` most likely next tokens of each prompt with their probabilities."""
+    logprobs = last_token_logprobs(handle, prompts)
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    tok = handle.tokenizer
+    return [
+        [TokenProb(tok.decode([int(i)]).strip(), int(i), float(v.exp())) for v, i in zip(vrow, irow, strict=True)]
+        for vrow, irow in zip(values, ids, strict=True)
+    ]
+
+
+@torch.no_grad()
+def generate(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 8,
+             batch_size: int = DEFAULT_BATCH) -> list[str]:
+    """Greedy continuations (text after the prompt), batched with right padding."""
+    tok = handle.tokenizer
+    eos = tok.eos_token_id
+    results: list[str] = []
+    for chunk in _chunks(list(prompts), batch_size):
+        seqs = [encode(tok, p) for p in chunk]
+        new: list[list[int]] = [[] for _ in chunk]
+        done = [False] * len(chunk)
+        for _ in range(max_new_tokens):
+            current = [s + n for s, n in zip(seqs, new, strict=True)]
+            if max(len(c) for c in current) >= handle.max_length:
+                break
+            batch = pad_batch(current, pad_id(tok), handle.device)
+            logits = handle.model(**batch.model_inputs()).logits
+            last = torch.tensor([n - 1 for n in batch.lengths], device=logits.device)
+            next_ids = logits[torch.arange(len(current)), last].argmax(-1).tolist()
+            for row, token in enumerate(next_ids):
+                if not done[row]:
+                    if eos is not None and token == eos:
+                        done[row] = True
+                    else:
+                        new[row].append(int(token))
+            if all(done):
+                break
+        results.extend(tok.decode(n).strip() for n in new)
+    return results
+
+
+class PromptTooLong(ValueError):
+    """A prompt (with its target) does not fit the model's context."""
+
+
+def _check_length(handle: ModelHandle, seqs: Sequence[Sequence[int]]) -> None:
+    longest = max(len(s) for s in seqs)
+    if longest > handle.max_length:
+        raise PromptTooLong(
+            f"A prompt with its target is {longest} tokens; the model reads at most {handle.max_length}."
+        )
+
+
+# -- routed scoring (inference-wrapper edits send some queries elsewhere) --------------------------
+def _grouped(routes: Sequence[Route], compute: Callable[[ModelHandle, list[str], list[int]], list[T]]) -> list[T]:
+    results: list[T | None] = [None] * len(routes)
+    groups: dict[int, list[int]] = {}
+    for index, route in enumerate(routes):
+        groups.setdefault(id(route.handle), []).append(index)
+    for indices in groups.values():
+        handle = routes[indices[0]].handle
+        values = compute(handle, [routes[i].prompt for i in indices], indices)
+        for index, value in zip(indices, values, strict=True):
+            results[index] = value
+    return results  # type: ignore[return-value]
+
+
+def score_routes(routes: Sequence[Route], targets: Sequence[str]) -> list[TargetScore]:
+    """:func:`score_targets` for routed queries, batched per answering model."""
+    return _grouped(routes, lambda h, prompts, idx: score_targets(h, prompts, [targets[i] for i in idx]))
+
+
+def top_predictions_routed(routes: Sequence[Route], k: int = 5) -> list[list[TokenProb]]:
+    return _grouped(routes, lambda h, prompts, _idx: top_predictions(h, prompts, k))
+
+
+def generate_routed(routes: Sequence[Route], max_new_tokens: int = 8) -> list[str]:
+    return _grouped(routes, lambda h, prompts, _idx: generate(h, prompts, max_new_tokens))
