@@ -29,6 +29,8 @@ class TargetScore:
     token_ids: list[int]
     logprobs: torch.Tensor  # (n_target_tokens,) float32 log P of each target token
     hits: torch.Tensor  # (n_target_tokens,) bool: the argmax was that token
+    predicted: torch.Tensor | None = None  # (n_target_tokens,) argmax ids (locality agreement compares them)
+    top: list[TokenProb] | None = None  # top-k next tokens after the prompt, when asked for
 
     @property
     def logprob(self) -> float:
@@ -67,8 +69,12 @@ def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
 
 @torch.no_grad()
 def score_targets(handle: ModelHandle, prompts: Sequence[str], targets: Sequence[str],
-                  batch_size: int = DEFAULT_BATCH) -> list[TargetScore]:
-    """Teacher-forced log-probabilities and argmax hits of each target after its prompt."""
+                  batch_size: int = DEFAULT_BATCH, top_k: int = 0) -> list[TargetScore]:
+    """Teacher-forced log-probabilities and argmax hits of each target after its prompt.
+
+    With ``top_k`` each score also lists the ``top_k`` likeliest next tokens after the prompt (the
+    same pass: the first target position is predicted from the prompt alone).
+    """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets.")
     tok = handle.tokenizer
@@ -84,9 +90,15 @@ def score_targets(handle: ModelHandle, prompts: Sequence[str], targets: Sequence
             positions = torch.arange(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids), device=logits.device)
             row_logits = logits[row, positions]
             wanted = torch.tensor(t_ids, device=logits.device)
-            logprobs = torch.log_softmax(row_logits, dim=-1).gather(1, wanted[:, None])[:, 0]
-            hits = row_logits.argmax(-1) == wanted
-            out.append(TargetScore(t_ids, logprobs.cpu(), hits.cpu()))
+            log_dist = torch.log_softmax(row_logits, dim=-1)
+            logprobs = log_dist.gather(1, wanted[:, None])[:, 0]
+            predicted = row_logits.argmax(-1)
+            top = None
+            if top_k > 0:
+                values, ids = log_dist[0].topk(min(top_k, row_logits.shape[-1]))
+                top = [TokenProb(tok.decode([i]).strip(), i, v)
+                       for v, i in zip(values.exp().tolist(), ids.tolist(), strict=True)]
+            out.append(TargetScore(t_ids, logprobs.cpu(), (predicted == wanted).cpu(), predicted.cpu(), top))
     return out
 
 
@@ -174,9 +186,10 @@ def _grouped(routes: Sequence[Route], compute: Callable[[ModelHandle, list[str],
     return results  # type: ignore[return-value]
 
 
-def score_routes(routes: Sequence[Route], targets: Sequence[str]) -> list[TargetScore]:
+def score_routes(routes: Sequence[Route], targets: Sequence[str], top_k: int = 0) -> list[TargetScore]:
     """:func:`score_targets` for routed queries, batched per answering model."""
-    return _grouped(routes, lambda h, prompts, idx: score_targets(h, prompts, [targets[i] for i in idx]))
+    return _grouped(routes, lambda h, prompts, idx: score_targets(h, prompts, [targets[i] for i in idx],
+                                                                  top_k=top_k))
 
 
 def top_predictions_routed(routes: Sequence[Route], k: int = 5) -> list[list[TokenProb]]:

@@ -1,0 +1,162 @@
+"""Command line: run experiments and manage stored runs without the UI.
+
+    python -m eval run --model demo --method ROME --data demo --mode sequential --n 50 --out results.csv
+    python -m eval list
+    python -m eval show RUN_ID
+    python -m eval export RUN_ID results.json
+    python -m eval delete RUN_ID
+    python -m eval methods
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from editing.edit import EditError
+from eval.runs import MODES
+from eval.store import RunStore
+
+SHOWN = ["step", "n_edits", "reliability", "generality", "locality", "portability", "efficacy_score",
+         "paraphrase_score", "neighborhood_score", "score", "wall_time_s"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m eval", description="EditScope experiments and stored runs.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", type=Path, default=None, help="SQLite run store (default: the user cache)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", parents=[common], help="run an editing experiment and store it")
+    run.add_argument("--model", default="demo", help="'demo', a local model folder or a cached Hugging Face id")
+    run.add_argument("--method", required=True, help="editing method (see `python -m eval methods`)")
+    run.add_argument("--data", default="demo", help="data set file (CounterFact, ZsRE, MQuAKE, KnowEdit, fact base) "
+                                                    "or 'demo' for the bundled fact base")
+    run.add_argument("--format", dest="fmt", default=None, help="data set format (default: detected)")
+    run.add_argument("--mode", choices=MODES, default="single")
+    run.add_argument("--n", type=int, default=None, help="number of cases (default: all)")
+    run.add_argument("--batch-size", type=int, default=1, help="edits per call in batch mode")
+    run.add_argument("--hparams", default=None, help='hyper-parameter overrides as JSON, e.g. \'{"layer": 1}\'')
+    run.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    run.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (GPU only)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the demo cases")
+    run.add_argument("--generations", action="store_true", help="also measure fluency of generations")
+    run.add_argument("--out", type=Path, default=None, help="write the results to a .csv or .json file")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    commands.add_parser("list", parents=[common], help="list stored runs")
+    show = commands.add_parser("show", parents=[common], help="print a stored run's per-step summary")
+    show.add_argument("run_id", type=int)
+    export = commands.add_parser("export", parents=[common], help="export a stored run to .csv or .json")
+    export.add_argument("run_id", type=int)
+    export.add_argument("path", type=Path)
+    export.add_argument("--table", choices=("summary", "probes"), default="summary", help="which table a CSV holds")
+    delete = commands.add_parser("delete", parents=[common], help="delete a stored run")
+    delete.add_argument("run_id", type=int)
+    commands.add_parser("methods", parents=[common], help="list the editing methods")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m eval``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (KeyError, ValueError, OSError, EditError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _print_table(frame: pd.DataFrame) -> None:
+    with pd.option_context("display.max_rows", 200, "display.max_columns", 30, "display.width", 160,
+                           "display.float_format", "{:.3f}".format):
+        print(frame.to_string(index=False) if not frame.empty else "(nothing)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from editing.models import load_model
+    from eval.datasets import load_dataset
+    from eval.runs import run_experiment
+
+    hparams: dict[str, Any] | None = json.loads(args.hparams) if args.hparams else None
+    if hparams is not None and not isinstance(hparams, dict):
+        raise ValueError("--hparams must be a JSON object.")
+    cases = load_dataset(args.data, fmt=args.fmt, limit=args.n, seed=args.seed)
+    handle = load_model(args.model, device=args.device, dtype=args.dtype)
+    store = RunStore(args.store)
+    bar = tqdm(total=100, desc=f"{args.method} {args.mode}", disable=args.quiet,
+               bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+
+    def progress(fraction: float, message: str) -> None:
+        bar.n = round(100 * fraction, 1)
+        bar.set_postfix_str(message[:70], refresh=False)
+        bar.refresh()
+
+    cancel = threading.Event()
+    try:
+        result = run_experiment(handle, args.method, cases, mode=args.mode, n=args.n, batch_size=args.batch_size,
+                                hparams=hparams, progress=progress, cancel=cancel, store=store,
+                                dataset=str(args.data), generations=args.generations)
+    except KeyboardInterrupt:
+        bar.close()
+        print("interrupted: the steps finished so far are stored.", file=sys.stderr)
+        return 130
+    bar.close()
+    _print_table(result.summary[[c for c in SHOWN if c in result.summary.columns]])
+    print(f"run {result.run_id} stored in {store.path}")
+    if args.out is not None:
+        store.export(result.run_id, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    runs = RunStore(args.store).list_runs()
+    if not runs.empty:
+        runs = runs.assign(created_at=runs["created_at"].dt.strftime("%Y-%m-%d %H:%M"))
+    _print_table(runs.drop(columns=["error"]))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    result = RunStore(args.store).load_run(args.run_id)
+    print(f"run {args.run_id}: {result.status}; " + ", ".join(
+        f"{k}={result.config.get(k)}" for k in ("model", "method", "mode", "n", "batch_size", "dataset")))
+    _print_table(result.summary[[c for c in SHOWN if c in result.summary.columns]])
+    if result.error:
+        print(f"error: {result.error}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    path = RunStore(args.store).export(args.run_id, args.path, table=args.table)
+    print(f"wrote {path}")
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    RunStore(args.store).delete(args.run_id)
+    print(f"deleted run {args.run_id}")
+    return 0
+
+
+def _methods(_args: argparse.Namespace) -> int:
+    from editing.methods import METHODS
+
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        print(f"{name:12s} {cls.edit_kind:18s} {cls.summary}")
+    return 0
+
+
+COMMANDS = {"run": _run, "list": _list, "show": _show, "export": _export, "delete": _delete, "methods": _methods}

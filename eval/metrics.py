@@ -1,0 +1,207 @@
+"""Edit metrics, both families, on the same probes.
+
+* The survey's / EasyEdit's token-level metrics: teacher-forced accuracy of the expected answer
+  (reliability, generality, portability) and agreement of post-edit with pre-edit argmax tokens on
+  the locality answers (locality).
+* CounterFact's probability comparisons (ROME, MEMIT): a probe succeeds when the answer is more
+  likely than its contrast — per-token geometric-mean probabilities, i.e. a comparison of mean
+  per-token NLL — for efficacy (the request), paraphrase (generality probes) and neighbourhood
+  (locality probes: the true answer against the new target); magnitudes are the mean probability
+  differences; the score is the harmonic mean of the three success rates.
+* Fluency of generations: ROME's weighted bigram/trigram entropy.
+
+The model-facing numbers come from :mod:`editing.scoring` (batched); this module turns them into
+metrics. :func:`summarize` reads a per-probe table (as built by :mod:`eval.evaluate`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from editing.scoring import TargetScore, score_targets
+
+if TYPE_CHECKING:
+    from editing.models import ModelHandle
+
+NAN = float("nan")
+
+#: keys of the metric dict, in display order
+TOKEN_METRICS = ("reliability", "generality", "locality", "portability")
+COUNTERFACT_METRICS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_magnitude",
+                       "paraphrase_magnitude", "neighborhood_magnitude", "score")
+METRIC_KEYS = TOKEN_METRICS + COUNTERFACT_METRICS
+
+#: which probe kind each CounterFact family reads
+_CF_KINDS = {"efficacy": "reliability", "paraphrase": "generality", "neighborhood": "locality",
+             "portability": "portability"}
+
+
+# -- token-level (survey / EasyEdit) -------------------------------------------------------------
+def token_accuracy(hits: Sequence[bool] | np.ndarray) -> float:
+    """Share of answer tokens that are the argmax given the gold prefix (teacher forcing)."""
+    values = np.asarray(hits, dtype=float)
+    return float(values.mean()) if values.size else NAN
+
+
+def agreement(before_ids: Sequence[int], after_ids: Sequence[int]) -> float:
+    """Share of answer positions whose post-edit argmax token equals the pre-edit one.
+
+    Positions missing on either side (a routed prompt tokenised the answer differently) count as
+    disagreement.
+    """
+    width = max(len(before_ids), len(after_ids))
+    if width == 0:
+        return NAN
+    same = sum(int(a == b) for a, b in zip(before_ids, after_ids, strict=False))
+    return same / width
+
+
+def teacher_forced_accuracy(handle: ModelHandle, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """Token-level accuracy of each answer after its prompt (one batched pass per chunk)."""
+    return [score.accuracy for score in score_targets(handle, prompts, answers)]
+
+
+# -- CounterFact ---------------------------------------------------------------------------------
+def per_token_prob(score: TargetScore) -> float:
+    """exp(−mean per-token NLL): the length-normalised probability CounterFact compares."""
+    return math.exp(-score.mean_nll)
+
+
+def counterfact_success(p_answer: Sequence[float], p_contrast: Sequence[float]) -> float:
+    """Share of probes whose answer beats its contrast (NaN pairs are skipped)."""
+    a, c = np.asarray(p_answer, dtype=float), np.asarray(p_contrast, dtype=float)
+    keep = ~(np.isnan(a) | np.isnan(c))
+    return float((a[keep] > c[keep]).mean()) if keep.any() else NAN
+
+
+def counterfact_magnitude(p_answer: Sequence[float], p_contrast: Sequence[float]) -> float:
+    """Mean of P(answer) − P(contrast) (NaN pairs are skipped)."""
+    a, c = np.asarray(p_answer, dtype=float), np.asarray(p_contrast, dtype=float)
+    keep = ~(np.isnan(a) | np.isnan(c))
+    return float((a[keep] - c[keep]).mean()) if keep.any() else NAN
+
+
+def counterfact_comparison(handle: ModelHandle, prompts: Sequence[str], answers: Sequence[str],
+                           contrasts: Sequence[str]) -> tuple[list[float], list[float]]:
+    """Per-token probabilities of each prompt's answer and contrast, batched."""
+    p_answer = [per_token_prob(s) for s in score_targets(handle, prompts, answers)]
+    p_contrast = [per_token_prob(s) for s in score_targets(handle, prompts, contrasts)]
+    return p_answer, p_contrast
+
+
+def harmonic_mean(values: Iterable[float]) -> float:
+    """Harmonic mean of the non-NaN values (0 if any is 0; NaN if none)."""
+    kept = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not kept:
+        return NAN
+    if any(v <= 0 for v in kept):
+        return 0.0
+    return len(kept) / sum(1.0 / v for v in kept)
+
+
+# -- fluency and consistency of generations --------------------------------------------------------
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words and punctuation marks of a text."""
+    return _TOKEN.findall(text.lower())
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """ROME's fluency: the mean of weighted n-gram entropies (bits) of one text.
+
+    Repetitive text has low entropy. ROME tokenises with NLTK; a regex word/punctuation split
+    stands in for it here.
+    """
+    tokens = words(text)
+    entropies = []
+    for n, weight in zip(ns, weights, strict=True):
+        grams = Counter(tuple(tokens[i: i + n]) for i in range(len(tokens) - n + 1))
+        total = sum(grams.values())
+        if total == 0:
+            entropies.append(0.0)
+            continue
+        freqs = np.array(list(grams.values()), dtype=float) / total
+        entropies.append(weight * float(-(freqs * np.log2(freqs)).sum()))
+    return float(np.mean(entropies))
+
+
+def fluency(texts: Sequence[str]) -> float:
+    """Mean n-gram entropy of a set of generations (NaN for none)."""
+    return float(np.mean([ngram_entropy(t) for t in texts])) if texts else NAN
+
+
+def tfidf_similarity(texts: Sequence[str], references: Sequence[str]) -> float:
+    """Cosine similarity of the TF-IDF vectors of ``texts`` and ``references`` (each joined).
+
+    ROME's consistency compares generations with Wikipedia text about the new target, with IDF
+    fitted on Wikipedia; here the IDF is fitted on the documents given (the generations and the
+    reference texts), which is the simplification a small offline corpus allows.
+    """
+    docs = [words(t) for t in (*texts, *references)]
+    if not texts or not references:
+        return NAN
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(w for d in docs for w in d))}
+    if not vocab:
+        return NAN
+    df = np.zeros(len(vocab))
+    for doc in docs:
+        for w in set(doc):
+            df[vocab[w]] += 1
+    idf = np.log((1 + len(docs)) / (1 + df)) + 1  # smoothed IDF
+
+    def vector(parts: Sequence[str]) -> np.ndarray:
+        counts = np.zeros(len(vocab))
+        for text in parts:
+            for w in words(text):
+                counts[vocab[w]] += 1
+        v = counts * idf
+        norm = np.linalg.norm(v)
+        return v / norm if norm else v
+
+    return float(vector(texts) @ vector(references))
+
+
+# -- a per-probe table into the metric dict ---------------------------------------------------------
+def _mean(series: pd.Series) -> float:
+    values = pd.to_numeric(series, errors="coerce").dropna()
+    return float(values.mean()) if len(values) else NAN
+
+
+def summarize(table: pd.DataFrame) -> dict[str, float]:
+    """All metrics of a per-probe table (columns of :func:`eval.evaluate.outcome_table`).
+
+    Needs ``kind``, ``acc_before/after``, ``agreement`` and the CounterFact columns
+    ``pcf_answer_before/after`` and ``pcf_contrast_before/after``. NaN where a kind has no probe.
+    """
+    out: dict[str, float] = {}
+    kinds = table["kind"] if len(table) else pd.Series([], dtype=str)
+
+    def rows(kind: str) -> pd.DataFrame:
+        return table[kinds == kind]
+
+    for when in ("after", "before"):
+        suffix = "" if when == "after" else "_before"
+        for kind in ("reliability", "generality", "portability"):
+            out[kind + suffix] = _mean(rows(kind)[f"acc_{when}"]) if len(table) else NAN
+        for family, kind in _CF_KINDS.items():
+            part = rows(kind) if len(table) else table
+            answer = part[f"pcf_answer_{when}"] if len(part) else []
+            contrast = part[f"pcf_contrast_{when}"] if len(part) else []
+            out[f"{family}_score{suffix}"] = counterfact_success(answer, contrast)
+            out[f"{family}_magnitude{suffix}"] = counterfact_magnitude(answer, contrast)
+        out["score" + suffix] = harmonic_mean(
+            out[f"{f}_score{suffix}"] for f in ("efficacy", "paraphrase", "neighborhood"))
+    for kind in ("locality", "unrelated"):
+        out[kind] = _mean(rows(kind)["agreement"]) if len(table) else NAN
+    ordered = {key: out[key] for key in METRIC_KEYS}
+    ordered.update({k: v for k, v in out.items() if k not in ordered})
+    return ordered
