@@ -111,6 +111,11 @@ class Edit(ABC):
         """How a query is answered while this edit is active; weight edits change nothing here."""
         return route
 
+    def prepare_routes(self, handle: ModelHandle, prompts: list[str]) -> None:
+        """Optional batch work before :meth:`route` is asked about each of ``prompts`` (a wrapper's
+        retriever embeds them all in one pass); nothing by default."""
+        return None
+
     # -- size and persistence ------------------------------------------------------------------
     @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -363,7 +368,7 @@ def load_edit(path: str | Path) -> Edit:
         meta = json.loads(base.with_suffix(".json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise EditError(f"Cannot read saved edit {base}.json: {err}") from err
-    if meta.get("format") != "editscope-edit/1":
+    if not isinstance(meta, dict) or meta.get("format") != "editscope-edit/1":
         raise EditError(f"{base}.json is not an EditScope edit file.")
     cls = EDIT_TYPES.get(meta.get("type", ""))
     if cls is None:
@@ -372,8 +377,13 @@ def load_edit(path: str | Path) -> Edit:
         cls = EDIT_TYPES.get(meta.get("type", ""))
     if cls is None:
         raise EditError(f"Unknown edit type {meta.get('type')!r} in {base}.json.")
-    tensors = load_file(str(base.with_suffix(".safetensors")))
-    common = dict(meta["common"])
-    common["requests"] = [EditRequest.from_dict(r) for r in common["requests"]]
-    common["stats"] = EditStats(**common["stats"])
-    return cls.from_parts(common, meta.get("config", {}), tensors)
+    try:  # a damaged or foreign file is a clear EditError, whatever the reader raised
+        tensors = load_file(str(base.with_suffix(".safetensors")))
+        common = dict(meta["common"])
+        common["requests"] = [EditRequest.from_dict(r) for r in common["requests"]]
+        common["stats"] = EditStats(**common["stats"])
+        return cls.from_parts(common, meta.get("config", {}), tensors)
+    except EditError:
+        raise
+    except Exception as err:
+        raise EditError(f"Cannot load saved edit {base}: {type(err).__name__}: {err}") from err

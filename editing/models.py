@@ -117,6 +117,14 @@ def handle_from_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     return ModelHandle(model=model, tokenizer=prepare_tokenizer(tokenizer), arch=arch, name=name)
 
 
+def _is_local_dir(spec: str) -> bool:
+    """Whether ``spec`` names a local folder; False for names no file system accepts (too long, NUL)."""
+    try:
+        return Path(spec).expanduser().is_dir()
+    except (OSError, ValueError, RuntimeError):  # ENAMETOOLONG, embedded NUL, unknown ~user
+        return False
+
+
 def load_model(spec: str, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None) -> ModelHandle:
     """Load ``"demo"``, a local directory, or a Hugging Face id already in the local cache.
@@ -133,7 +141,7 @@ def load_model(spec: str, device: str | torch.device | None = None,
 
         source = str(ensure_demo_model())
         local_only = True
-    elif Path(spec).expanduser().is_dir():
+    elif _is_local_dir(spec):
         source = str(Path(spec).expanduser())
         local_only = True
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -121,20 +122,38 @@ class EditSession:
             route = edit.route(self.handle, route)
         return route
 
+    def routes(self, prompts: Sequence[str]) -> list[Route]:
+        """:meth:`route` for many prompts; wrappers first do their per-query work in one batch."""
+        prompts = list(prompts)
+        for edit in self._stack:
+            edit.prepare_routes(self.handle, prompts)
+        return [self.route(prompt) for prompt in prompts]
+
     # -- persistence ---------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
-        """Save the stack (each edit as JSON + safetensors) with a manifest."""
+        """Save the stack (each edit as JSON + safetensors) with a manifest.
+
+        Edit files get names of their own (``edit_000_<token>``) and the manifest is replaced last,
+        so a save that fails half-way leaves the previous save in the folder intact.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        names = []
-        for index, edit in enumerate(self._stack):
-            name = f"edit_{index:03d}"
-            edit.save(folder / name)
-            names.append(name)
-        manifest = {"format": "editscope-session/1", "model": self.handle.name, "edits": names}
-        tmp = folder / "session.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(folder / "session.json")
+        token = uuid.uuid4().hex[:8]
+        names = [f"edit_{index:03d}_{token}" for index in range(len(self._stack))]
+        saved = False
+        try:
+            for name, edit in zip(names, self._stack, strict=True):
+                edit.save(folder / name)
+            manifest = {"format": "editscope-session/1", "model": self.handle.name, "edits": names}
+            tmp = folder / f"session.json.{token}.tmp"
+            tmp.write_text(json.dumps(manifest, indent=1))
+            tmp.replace(folder / "session.json")
+            saved = True
+        finally:  # remove a failed save's files, or after success the previous save's
+            for path in [*folder.glob("edit_*"), *folder.glob(f"session.json.{token}.tmp")]:
+                ours = path.name.split(".")[0] in names
+                if ours != saved or path.suffix == ".tmp":
+                    path.unlink(missing_ok=True)
         return folder / "session.json"
 
     def load(self, folder: str | Path) -> None:
@@ -144,8 +163,14 @@ class EditSession:
             manifest = json.loads((folder / "session.json").read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise EditError(f"Cannot read {folder / 'session.json'}: {err}") from err
-        if manifest.get("format") != "editscope-session/1":
+        if not isinstance(manifest, dict) or manifest.get("format") != "editscope-session/1":
             raise EditError(f"{folder} does not hold a saved EditScope session.")
-        edits = [load_edit(folder / name) for name in manifest.get("edits", [])]
+        names = manifest.get("edits", [])
+        # only plain file names: a manifest must not make us read files outside its folder
+        if not isinstance(names, list) or not all(
+                isinstance(n, str) and n not in ("", ".", "..") and Path(n).name == n and "\\" not in n
+                for n in names):
+            raise EditError(f"{folder / 'session.json'} names edit files outside its folder.")
+        edits = [load_edit(folder / name) for name in names]
         self._stack = edits
         self._redo = []

@@ -1,20 +1,28 @@
 """Training entry point for the learned editors (MEND, KE, SERAC, ...).
 
-``python -m editing.train METHOD --model demo [--steps N] [--seed S]`` trains the method's
-learned parts and caches the checkpoint under the user cache, keyed by model and config.
+``python -m editing.train METHOD --model demo [--steps N] [--seed S] [--data FILE]`` trains the
+method's learned parts and caches the checkpoint under the user cache, keyed by model and config.
+Training is deterministic given the seed (fixed thread count, seeded data order) and resumable:
+an interrupted run continues from its last checkpoint when started again with the same config.
 Each learned method registers a :class:`Trainer` here with :func:`register_trainer`.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
+import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from editing.factbase import FactBase, load_factbase
 from editing.paths import cache_dir
@@ -47,7 +55,12 @@ def edit_records(split: str = "train", factbase: FactBase | None = None, seed: i
     """
     if split not in ("train", "heldout"):
         raise ValueError("split must be 'train' or 'heldout'.")
-    factbase = factbase or load_factbase()
+    return list(_edit_records(split, factbase or load_factbase(), seed, n_locality))
+
+
+@lru_cache(maxsize=16)
+def _edit_records(split: str, factbase: FactBase, seed: int, n_locality: int) -> tuple[EditRecord, ...]:
+    # Cached: building the records scans the fact base once per fact (about half a second).
     rng = random.Random(seed)
     subjects = factbase.subjects
     heldout_subjects = set(subjects[4::5])
@@ -79,7 +92,49 @@ def edit_records(split: str = "train", factbase: FactBase | None = None, seed: i
             paraphrases=tuple(t.replace("{}", fact.subject) for t in para_templates),
             locality=tuple(locality),
         ))
+    return tuple(records)
+
+
+def _subject_heldout(subject: str) -> bool:
+    # Stable across processes (unlike hash()): about every 5th subject is held out.
+    return int(hashlib.sha256(subject.encode()).hexdigest(), 16) % 5 == 0
+
+
+def load_record_file(path: str | Path, split: str = "train") -> list[EditRecord]:
+    """Edit records from a JSON Lines file, one record a line::
+
+        {"prompt": "The capital of {} is", "subject": "France", "target_new": "Lyon",
+         "target_true": "Paris", "paraphrases": ["France's capital is"],
+         "locality": [["The capital of Spain is", "Madrid"]]}
+
+    Records are split by subject like :func:`edit_records` (about one subject in five held out).
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError("split must be 'train' or 'heldout'.")
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            request = EditRequest(raw["prompt"], raw["subject"], raw["target_new"], raw.get("target_true"))
+            locality = tuple((str(p), str(a)) for p, a in raw.get("locality", []))
+            paraphrases = tuple(str(p) for p in raw.get("paraphrases", []))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}, record {number}: {err!r} (fields: prompt, subject, target_new, "
+                             f"target_true, paraphrases, locality)") from err
+        if not locality:
+            raise ValueError(f"{path}, record {number}: 'locality' needs at least one [prompt, answer] pair.")
+        if _subject_heldout(request.subject) == (split == "heldout"):
+            records.append(EditRecord(request, paraphrases, locality))
     return records
+
+
+def training_records(config: dict[str, Any], split: str = "train") -> list[EditRecord]:
+    """The records a learned editor trains (``train``) or is evaluated (``heldout``) on:
+    ``config["data"]`` names a JSON Lines file of records, or is empty for the bundled fact base."""
+    data = config.get("data") or ""
+    return load_record_file(data, split) if data else edit_records(split)
 
 
 @dataclass
@@ -103,11 +158,20 @@ def register_trainer(trainer: Trainer) -> Trainer:
     return trainer
 
 
+#: environment variable naming the folder of trained editors (default: ``<user cache>/editors``)
+EDITORS_ENV = "EDITSCOPE_EDITORS"
+
+
 def checkpoint_dir(handle: ModelHandle, method: str, config: dict[str, Any]) -> Path:
-    """Cache folder of ``method``'s editor for this model and config."""
-    key = hashlib.sha256(json.dumps([handle.fingerprint(), method, config], sort_keys=True,
-                                    default=str).encode()).hexdigest()[:12]
-    return cache_dir("editors", method.lower()) / key
+    """Cache folder of ``method``'s editor for this model and config (and data file contents)."""
+    parts: list[Any] = [handle.fingerprint(), method, config]
+    data = config.get("data")
+    if data and Path(data).is_file():  # a changed data file must not find the old editor
+        parts.append(hashlib.sha256(Path(data).read_bytes()).hexdigest())
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    root = os.environ.get(EDITORS_ENV)
+    base = Path(root) / method.lower() if root else cache_dir("editors", method.lower())
+    return base / key
 
 
 def trained_checkpoint(handle: ModelHandle, method: str, config: dict[str, Any] | None = None) -> Path | None:
@@ -120,24 +184,68 @@ def trained_checkpoint(handle: ModelHandle, method: str, config: dict[str, Any] 
     return folder if (folder / "report.json").exists() else None
 
 
+TRAIN_THREADS = 1
+
+
+@contextmanager
+def deterministic_training(seed: int, threads: int = TRAIN_THREADS) -> Iterator[None]:
+    """Fixed seeds and thread count for the block (the same seed gives the same editor); the
+    caller's thread count and random states are restored afterwards.
+
+    One thread by default: on a shared 2-core machine a second thread made small training steps
+    tens of times slower (the threads wait for each other), and any fixed count is deterministic.
+    """
+    previous_threads, python_state = torch.get_num_threads(), random.getstate()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            yield
+    finally:
+        torch.set_num_threads(previous_threads)
+        random.setstate(python_state)
+
+
 def train_editor(handle: ModelHandle, method: str, overrides: dict[str, Any] | None = None,
                  progress: Callable[[float, str], None] | None = None) -> tuple[Path, dict[str, Any]]:
-    """Train (or resume, or find cached) ``method``'s editor; returns (checkpoint folder, report)."""
+    """Train (or resume, or find cached) ``method``'s editor; returns (checkpoint folder, report).
+
+    ``overrides`` change values of the method's default training config (and so the cache key).
+    A file lock makes a second process wait for a running training of the same editor instead of
+    racing it. Trainers hold the model's lock only while they touch the model (one step at a
+    time), so edit sessions sharing the model keep working during a long training.
+    """
     import editing.methods  # noqa: F401  (registers the trainers)
+    from editing.edit import handle_stack
 
     if method not in TRAINERS:
         raise KeyError(f"No trainer for {method!r}; trainable methods: {', '.join(sorted(TRAINERS))}.")
+    if handle_stack(handle):
+        raise RuntimeError("Editors are trained on the unedited model: revert the applied edits first.")
     trainer = TRAINERS[method]
-    config = {**trainer.default_config(handle), **(overrides or {})}
+    defaults = trainer.default_config(handle)
+    unknown = set(overrides or {}) - set(defaults)
+    if unknown:
+        raise KeyError(f"Unknown {method} training settings {sorted(unknown)}; known: {sorted(defaults)}.")
+    config = {**defaults, **(overrides or {})}
     folder = checkpoint_dir(handle, method, config)
     if (folder / "report.json").exists():
         return folder, json.loads((folder / "report.json").read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
-    report = trainer.train(handle, config, folder, progress or (lambda _f, _m: None))
-    tmp = folder / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    tmp.replace(folder / "report.json")
+    with open(folder.with_suffix(".lock"), "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            if (folder / "report.json").exists():  # trained by another process while we waited
+                return folder, json.loads((folder / "report.json").read_text())
+            (folder / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
+            with deterministic_training(int(config.get("seed", 0))):
+                report = trainer.train(handle, config, folder, progress or (lambda _f, _m: None))
+            tmp = folder / "report.json.tmp"
+            tmp.write_text(json.dumps(report, indent=1, default=str))
+            tmp.replace(folder / "report.json")
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
     return folder, report
 
 
@@ -147,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m editing.train", description=__doc__.splitlines()[0])
     parser.add_argument("method", help=f"one of: {', '.join(sorted(TRAINERS)) or '(none registered)'}")
     parser.add_argument("--model", default="demo")
+    parser.add_argument("--steps", type=int, help="training steps (default: the method's)")
+    parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    parser.add_argument("--data", help="JSON Lines file of edit records (default: the bundled fact base)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a training config value (JSON value)")
     args = parser.parse_args(argv)
@@ -162,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
+    for key in ("steps", "seed", "data"):
+        if getattr(args, key) is not None:
+            overrides[key] = str(Path(args.data).resolve()) if key == "data" else getattr(args, key)
     bar = tqdm(total=100, desc=f"training {args.method}")
 
     def progress(fraction: float, message: str) -> None:
@@ -177,4 +291,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the imported module's main: methods register their trainers in ``editing.train``,
+    # not in this ``__main__`` copy of it.
+    from editing.train import main as _main
+
+    raise SystemExit(_main())

@@ -96,11 +96,16 @@ def _read_json(path: Path) -> Any:
                 except json.JSONDecodeError as err:
                     raise DatasetError(f"{path}: record {len(records)} (line {line_no}) is not valid JSON: "
                                        f"{err.msg}.") from err
+                except RecursionError as err:
+                    raise DatasetError(f"{path}: record {len(records)} (line {line_no}) is nested too deeply.") \
+                        from err
         return records
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}.") from err
+    except RecursionError as err:  # hostile input: nesting deeper than the parser's stack
+        raise DatasetError(f"{path}: the JSON is nested too deeply to be a data set.") from err
 
 
 def detect_format(data: Any, path: Path | str = "<data>") -> str:

@@ -65,7 +65,7 @@ def predict(session: EditSession, probes: Sequence[Probe], k: int = 5) -> list[P
     if not probes:
         return []
     with session.active():
-        routes = [session.route(p.prompt) for p in probes]
+        routes = session.routes([p.prompt for p in probes])
         contrasted = [i for i, p in enumerate(probes) if p.contrast]
         scores = score_routes(routes + [routes[i] for i in contrasted],
                               [p.answer for p in probes] + [probes[i].contrast for i in contrasted], top_k=k)
@@ -188,7 +188,7 @@ def _generate(session: EditSession, prompts: Sequence[str] | None, max_new_token
     if not prompts:
         return []
     with session.active():
-        return generate_routed([session.route(p) for p in prompts], max_new_tokens)
+        return generate_routed(session.routes(prompts), max_new_tokens)
 
 
 def reference_texts(targets: Sequence[str], factbase: FactBase | None = None, limit: int = 50) -> list[str]:

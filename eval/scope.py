@@ -116,8 +116,7 @@ def hidden_states(session: EditSession, probes: Sequence[Probe], layer: int, pos
     sequences: list[list[int]] = []
     positions: list[int] = []
     with session.active():
-        for probe in probes:
-            route = session.route(probe.prompt)
+        for probe, route in zip(probes, session.routes([p.prompt for p in probes]), strict=True):
             prefix = route.prompt[: route.prefix_chars] if route.handle is handle else ""
             text = route.prompt if route.handle is handle else probe.prompt
             ids = encode(tok, text)

@@ -11,3 +11,12 @@ __all__ = ["METHODS", "EditMethod", "HParams", "ProgressFn", "available_methods"
 def available_methods() -> list[str]:
     """Names of every registered method, sorted."""
     return sorted(METHODS)
+import editing.methods.mend  # noqa: E402,F401
+import editing.methods.ke  # noqa: E402,F401
+import editing.methods.ft  # noqa: E402,F401
+import editing.methods.kn  # noqa: E402,F401
+import editing.methods.serac  # noqa: E402,F401
+import editing.methods.ike  # noqa: E402,F401
+import editing.methods.tpatcher  # noqa: E402,F401
+import editing.methods.calinet  # noqa: E402,F401
+import editing.methods.grace  # noqa: E402,F401

@@ -50,6 +50,23 @@ class HParams:
         return dataclasses.replace(self, **changes)
 
 
+def check_fits_context(handle: ModelHandle, requests: Sequence[EditRequest]) -> None:
+    """Raise :class:`InvalidEditRequest` when a request's prompt with a target is longer than the
+    model reads (checked once here, so no method meets an input its position embeddings cannot hold)."""
+    from editing.tokens import encode, target_ids
+
+    tokenizer = handle.tokenizer
+    for request in requests:
+        prompt_len = len(encode(tokenizer, request.text))
+        for target in filter(None, (request.target_new, request.target_true)):
+            total = prompt_len + len(target_ids(tokenizer, request.text, target))
+            if total > handle.max_length:
+                raise InvalidEditRequest(
+                    f"The prompt with the target {target[:40]!r} is {total} tokens; the model reads at most "
+                    f"{handle.max_length}. Shorten the prompt or the target."
+                )
+
+
 def scaled_layer(n_layers: int, fraction: float) -> int:
     """The layer at ``fraction`` of the model's depth (e.g. ROME's 17/48 on GPT-2 XL)."""
     return max(0, min(n_layers - 1, round(fraction * n_layers)))
@@ -101,6 +118,7 @@ class EditMethod(ABC):
         requests = list(requests)
         if not requests:
             raise InvalidEditRequest("No edit requests given.")
+        check_fits_context(handle, requests)
         problem = self.readiness(handle)
         if problem is not None:
             raise EditError(problem)
@@ -113,15 +131,15 @@ class EditMethod(ABC):
                     edit = self._execute(handle, requests, params, progress)
                     if not edit.is_applied:
                         edit.apply(handle)
+                edit.stats.wall_time_s = cost.wall_time_s
+                edit.stats.peak_memory_bytes = cost.peak_memory_bytes
+                edit.stats.memory_kind = cost.memory_kind
+                progress(1.0, f"{self.name}: done")  # inside the try: a callback that cancels here reverts too
             except BaseException:
                 stack = handle_stack(handle)
                 while len(stack) > depth:  # leave the model as we found it
                     stack[-1].revert(handle)
                 raise
-        edit.stats.wall_time_s = cost.wall_time_s
-        edit.stats.peak_memory_bytes = cost.peak_memory_bytes
-        edit.stats.memory_kind = cost.memory_kind
-        progress(1.0, f"{self.name}: done")
         return edit
 
     @abstractmethod

@@ -1,0 +1,401 @@
+"""Key/value computation shared by the locate-then-edit methods (ROME, MEMIT, AlphaEdit).
+
+These methods treat a block's MLP output projection ``W`` as a linear associative memory: the
+*key* ``k`` is its input at the subject's last token (post-activation, ``d_ff`` wide), the
+*value* its output. This module holds what they have in common:
+
+* reading keys, MLP outputs and residual-stream states at the subject's last token of filled
+  prompts (:func:`module_io_at_subject`, :func:`mlp_key_value`, :func:`residuals`), and keys
+  averaged over context templates (:func:`context_keys`);
+* optimising a target vector added at the subject's last token so the model predicts the new
+  target (:func:`optimise_values`: ROME's ``v*`` at the MLP output, MEMIT's ``z`` in the residual);
+* turning update factors into a :class:`~editing.edit.ParamDelta` in the parameter's storage
+  shape (:func:`low_rank_delta`), and MEMIT's spreading of residuals over a range of layers
+  (:func:`spread_residuals`, also used by AlphaEdit with another per-layer solver).
+
+Conventions kept from kmeng01/rome and kmeng01/memit:
+
+* Prompts are right-padded and every position is indexed explicitly, so padding never moves the
+  subject token (the reference relies on right padding in the same way).
+* The lookup position is the subject's *last* token (``fact_token = "subject_last"``, the
+  reference's default), found by tokenising the template up to the subject
+  (:func:`editing.tokens.subject_last_token`). The reference's other choices ``"subject_first"``
+  and ``"last"`` (the prompt's last token) are available; ``"last"`` is the prompt's last token
+  *before* any appended target tokens (the reference's ``-1`` would land inside a multi-token
+  target, which its MEMIT code flags as a bug).
+* Target tokens are ``" " + target`` without BOS (:func:`editing.tokens.target_ids`). The reference
+  appends ``tok.decode(target_ids[:-1])`` to the prompt text and re-tokenises; here the target ids
+  are appended directly, which gives the same sequence without a decode/encode round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from editing.context import fill
+from editing.edit import ParamDelta, WeightDelta
+from editing.hooks import capture, forward_until, modify
+from editing.tokens import encode, pad_batch, pad_id, subject_last_token, target_ids
+
+if TYPE_CHECKING:
+    from editing.models import ModelHandle
+    from editing.request import EditRequest
+
+ProgressFn = Callable[[float, str], None]
+
+
+def _no_progress(_fraction: float, _message: str) -> None:
+    pass
+
+
+# -- reading representations ----------------------------------------------------------------------
+FACT_TOKENS = ("subject_last", "subject_first", "last")
+
+
+def lookup_position(handle: ModelHandle, template: str, subject: str, fact_token: str = "subject_last") -> int:
+    """Index of the token whose key/value an edit writes, in ``template`` filled with ``subject``."""
+    tok = handle.tokenizer
+    if fact_token == "subject_last":
+        return subject_last_token(tok, template, subject)
+    if fact_token == "subject_first":
+        return len(encode(tok, template[: template.index("{}")].rstrip()))
+    if fact_token == "last":
+        return len(encode(tok, template.replace("{}", subject))) - 1
+    raise ValueError(f"Unknown fact_token {fact_token!r}; choose one of {', '.join(FACT_TOKENS)}.")
+
+
+def subject_inputs(handle: ModelHandle, templates: Sequence[str], subjects: Sequence[str],
+                   fact_token: str = "subject_last") -> tuple[list[list[int]], list[int]]:
+    """Token ids of each template filled with its subject, and the lookup position in each."""
+    tok = handle.tokenizer
+    ids = [encode(tok, t.replace("{}", s)) for t, s in zip(templates, subjects, strict=True)]
+    positions = [lookup_position(handle, t, s, fact_token) for t, s in zip(templates, subjects, strict=True)]
+    return ids, positions
+
+
+@torch.no_grad()
+def module_io_at_subject(handle: ModelHandle, module_name: str, templates: Sequence[str], subjects: Sequence[str],
+                         fact_token: str = "subject_last", batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input and output of ``module_name`` at the lookup position (by default the subject's last
+    token) of each filled template.
+
+    ``templates`` hold ``{}`` where the subject goes. Returns two float32 ``(n, dim)`` tensors on
+    the model's device; the forward pass stops after the module.
+    """
+    ids, positions = subject_inputs(handle, templates, subjects, fact_token)
+    ins, outs = [], []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start: start + batch_size]
+        batch = pad_batch(chunk, pad_id(handle.tokenizer), handle.device)
+        rows = torch.arange(len(chunk), device=handle.device)
+        cols = torch.tensor(positions[start: start + batch_size], device=handle.device)
+        with capture(handle.model, [module_name], inputs=True) as got_in, \
+                capture(handle.model, [module_name]) as got_out:
+            forward_until(handle.model, module_name, **batch.model_inputs())
+        ins.append(got_in[module_name][rows, cols].float())
+        outs.append(got_out[module_name][rows, cols].float())
+    return torch.cat(ins), torch.cat(outs)
+
+
+def mlp_key_value(handle: ModelHandle, layer: int, templates: Sequence[str], subjects: Sequence[str],
+                  fact_token: str = "subject_last") -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``(n, d_ff)`` and MLP outputs ``W k + b`` ``(n, d_model)`` at ``layer``."""
+    return module_io_at_subject(handle, handle.arch.mlp_out_name(layer), templates, subjects, fact_token)
+
+
+def residuals(handle: ModelHandle, layer: int, templates: Sequence[str], subjects: Sequence[str],
+              fact_token: str = "subject_last") -> torch.Tensor:
+    """Residual stream after block ``layer`` at the lookup position, ``(n, d_model)``."""
+    return module_io_at_subject(handle, handle.arch.block_name(layer), templates, subjects, fact_token)[1]
+
+
+def context_keys(handle: ModelHandle, layer: int, requests: Sequence[EditRequest],
+                 context_groups: Sequence[Sequence[str]], fact_token: str = "subject_last") -> torch.Tensor:
+    """Each request's key at ``layer`` averaged over context templates, ``(n_requests, d_ff)``.
+
+    Keys are averaged within each group, then over groups: one group (ROME's flat template list)
+    is a plain mean; MEMIT's ``[["{}"], prefixed]`` weighs the bare prompt as much as all prefixed
+    ones together, as the reference's ``compute_ks`` does.
+    """
+    flat = [t for group in context_groups for t in group]
+    templates = [fill(t, r.prompt) for r in requests for t in flat]
+    subjects = [r.subject for r in requests for _ in flat]
+    keys = mlp_key_value(handle, layer, templates, subjects, fact_token)[0].view(len(requests), len(flat), -1)
+    means, start = [], 0
+    for group in context_groups:
+        means.append(keys[:, start: start + len(group)].mean(1))
+        start += len(group)
+    return torch.stack(means, 1).mean(1)
+
+
+# -- target-value optimisation --------------------------------------------------------------------
+@dataclass
+class ValueHParams:
+    """Hyper-parameters of the target-vector optimisation (the reference's ``v_*`` settings)."""
+
+    steps: int = 20  # v_num_grad_steps (the last step only evaluates, as in the reference)
+    lr: float = 0.5  # v_lr (Adam)
+    weight_decay: float = 0.5  # v_weight_decay: penalty  wd * |δ| / |v_init|²
+    kl_factor: float = 0.0625  # weight of KL(new ‖ old) on the essence prompt
+    clamp_norm_factor: float = 4.0  # |δ| ≤ clamp * |v_init|
+    early_stop_loss: float = 5e-2
+    kl_prompt: str = "{} is a"
+    fact_token: str = "subject_last"  # where δ is added (see lookup_position)
+
+
+@dataclass
+class ValueResult:
+    """Optimised target vectors, one row per request."""
+
+    target: torch.Tensor  # (n, d_model): v_init + δ
+    init: torch.Tensor  # (n, d_model): the vector before optimisation (bare prompt)
+    target_prob: list[float]  # mean P(target) over the rewriting prompts at the last evaluation
+    loss: list[float]  # total loss at the last evaluation
+    steps: list[int] = field(default_factory=list)  # evaluations made before stopping
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.target - self.init
+
+
+def site_module(handle: ModelHandle, layer: int, site: str) -> str:
+    """Where a target vector lives: ``"mlp"`` = the MLP's output, ``"block"`` = the residual stream."""
+    if site == "mlp":
+        return handle.arch.mlp_name(layer)
+    if site == "block":
+        return handle.arch.block_name(layer)
+    raise ValueError(f"Unknown site {site!r}: use 'mlp' or 'block'.")
+
+
+def optimise_values(handle: ModelHandle, requests: Sequence[EditRequest], layer: int, site: str,
+                    context_templates: Sequence[str], hparams: ValueHParams | None = None,
+                    progress: ProgressFn | None = None, batch_rows: int = 256) -> ValueResult:
+    """Find, per request, the vector at ``site`` of ``layer`` (subject's last token) that makes the
+    model predict ``target_new`` — ROME's ``compute_v`` / MEMIT's ``compute_z`` objective:
+
+    mean over the context-templated prompts of the target's NLL per token, plus ``kl_factor`` ×
+    KL(edited ‖ original) of the next-token distribution at the subject's last token of
+    ``kl_prompt``, plus ``weight_decay`` × |δ| / |v_init|²; Adam on δ, clamped to
+    ``clamp_norm_factor`` × |v_init|, stopping once the loss is under ``early_stop_loss``.
+
+    Requests are optimised together in batches (each has its own δ and only its own rows depend
+    on it, and Adam is element-wise, so this equals optimising them one by one).
+    """
+    hp = hparams or ValueHParams()
+    progress = progress or _no_progress
+    rows_per_request = len(context_templates) + 1
+    per_chunk = max(1, batch_rows // rows_per_request)
+    results = []
+    chunks = [list(requests[i: i + per_chunk]) for i in range(0, len(requests), per_chunk)]
+    for index, chunk in enumerate(chunks):
+        def chunk_progress(fraction: float, message: str, _index: int = index) -> None:
+            progress((_index + fraction) / len(chunks), message)
+
+        results.append(_optimise_chunk(handle, chunk, layer, site, list(context_templates), hp, chunk_progress))
+    return ValueResult(
+        target=torch.cat([r.target for r in results]), init=torch.cat([r.init for r in results]),
+        target_prob=[p for r in results for p in r.target_prob], loss=[v for r in results for v in r.loss],
+        steps=[s for r in results for s in r.steps],
+    )
+
+
+def _optimise_chunk(handle: ModelHandle, requests: list[EditRequest], layer: int, site: str,
+                    context_templates: list[str], hp: ValueHParams, progress: ProgressFn) -> ValueResult:
+    tok, device, model = handle.tokenizer, handle.device, handle.model
+    n_req, n_ctx = len(requests), len(context_templates)
+    seqs: list[list[int]] = []
+    subject_pos: list[int] = []
+    # target-token bookkeeping: (row, position, token id)
+    t_rows, t_pos, t_ids = [], [], []
+    target_lengths = []
+    kl_rows = []
+    for req in requests:
+        new_ids = target_ids(tok, req.text, req.target_new)
+        target_lengths.append(len(new_ids))
+        for ctx in context_templates:
+            template = fill(ctx, req.prompt)
+            prompt_ids = encode(tok, template.replace("{}", req.subject))
+            row = len(seqs)
+            seqs.append(prompt_ids + new_ids[:-1])
+            subject_pos.append(lookup_position(handle, template, req.subject, hp.fact_token))
+            for offset, token in enumerate(new_ids):
+                t_rows.append(row)
+                t_pos.append(len(prompt_ids) - 1 + offset)  # the logit at p predicts token p + 1
+                t_ids.append(token)
+        kl_rows.append(len(seqs))
+        seqs.append(encode(tok, hp.kl_prompt.replace("{}", req.subject)))
+        subject_pos.append(lookup_position(handle, hp.kl_prompt, req.subject, hp.fact_token))
+    if max(len(s) for s in seqs) > handle.max_length:
+        raise ValueError(f"An edit prompt in context is longer than the model's {handle.max_length} tokens.")
+
+    batch = pad_batch(seqs, pad_id(tok), device)
+    as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
+    rows_all = torch.arange(len(seqs), device=device)
+    owner = as_tensor([r for r in range(n_req) for _ in range(n_ctx + 1)])
+    pos_all = as_tensor(subject_pos)
+    first_rows = as_tensor([r * (n_ctx + 1) for r in range(n_req)])  # the bare "{}" template comes first
+    t_rows_t, t_pos_t, t_ids_t = map(as_tensor, (t_rows, t_pos, t_ids))
+    kl_rows_t = as_tensor(kl_rows)
+    kl_set = set(kl_rows)
+    rewrite_rows = as_tensor([i for i in range(len(seqs)) if i not in kl_set])
+    lengths_t = as_tensor(target_lengths).float()
+
+    dim = handle.d_model
+    delta = torch.zeros(n_req, dim, device=device, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=hp.lr)
+    init: torch.Tensor | None = None
+    kl_init: torch.Tensor | None = None
+    done = torch.zeros(n_req, dtype=torch.bool, device=device)
+    frozen = torch.zeros(n_req, dim, device=device)
+    steps_taken = torch.zeros(n_req, dtype=torch.long)
+    last_loss = torch.zeros(n_req)
+    last_prob = torch.zeros(n_req)
+    lm_head = handle.module(handle.arch.lm_head)
+    norm_name, site_name = handle.arch.final_norm, site_module(handle, layer, site)
+
+    def add_delta(out: torch.Tensor) -> torch.Tensor:
+        nonlocal init
+        if init is None:
+            init = out[first_rows, pos_all[first_rows]].detach().float().clone()
+        return out.index_put((rows_all, pos_all), delta[owner].to(out.dtype), accumulate=True)
+
+    for step in range(hp.steps):
+        optimiser.zero_grad()
+        with torch.enable_grad(), ExitStack() as stack:
+            hidden_store = stack.enter_context(capture(model, [norm_name], detach=False))
+            stack.enter_context(modify(model, site_name, add_delta))
+            # Only the final norm's output is needed: the LM head runs on the few scored positions.
+            forward_until(model, norm_name, **batch.model_inputs())
+            hidden = hidden_store[norm_name]
+            logprobs = torch.log_softmax(lm_head(hidden[t_rows_t, t_pos_t]).float(), dim=-1)
+            token_lp = logprobs.gather(1, t_ids_t[:, None])[:, 0]
+            row_lp = torch.zeros(len(seqs), device=device).index_add(0, t_rows_t, token_lp)
+            nll_each = -row_lp[rewrite_rows] / lengths_t[owner[rewrite_rows]]
+            nll = torch.zeros(n_req, device=device).index_add(0, owner[rewrite_rows], nll_each) / n_ctx
+            kl_lp = torch.log_softmax(lm_head(hidden[kl_rows_t, pos_all[kl_rows_t]]).float(), dim=-1)
+            if kl_init is None:
+                kl_init = kl_lp.detach().clone()
+            kl = hp.kl_factor * (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
+            assert init is not None
+            decay = hp.weight_decay * delta.norm(dim=1) / init.norm(dim=1) ** 2
+            loss = nll + kl + decay
+            prob = torch.zeros(n_req, device=device).index_add(0, owner[rewrite_rows], torch.exp(-nll_each)) / n_ctx
+            active = ~done
+            last_loss[active.cpu()] = loss.detach().cpu()[active.cpu()]
+            last_prob[active.cpu()] = prob.detach().cpu()[active.cpu()]
+            steps_taken[active.cpu()] += 1
+            newly_done = active & (loss.detach() < hp.early_stop_loss)
+            frozen[newly_done] = delta.detach()[newly_done]
+            done |= newly_done
+            progress((step + 1) / hp.steps, f"optimising target values: step {step + 1}/{hp.steps}, "
+                                            f"mean loss {float(loss.detach().mean()):.3f}")
+            if bool(done.all()) or step == hp.steps - 1:
+                break
+            (loss * (~done).float()).sum().backward()
+        optimiser.step()
+        with torch.no_grad():
+            delta[done] = frozen[done]  # Adam's momentum must not move a request that has stopped
+            max_norm = hp.clamp_norm_factor * init.norm(dim=1)
+            norms = delta.norm(dim=1)
+            scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+            delta.mul_(scale[:, None])
+    assert init is not None
+    final = torch.where(done[:, None], frozen, delta.detach())
+    return ValueResult(target=init + final, init=init, target_prob=last_prob.tolist(), loss=last_loss.tolist(),
+                       steps=steps_taken.tolist())
+
+
+# -- updates --------------------------------------------------------------------------------------
+def mlp_out_param(handle: ModelHandle, layer: int) -> str:
+    """Name of the MLP output projection's weight at ``layer``."""
+    return f"{handle.arch.mlp_out_name(layer)}.weight"
+
+
+def low_rank_delta(handle: ModelHandle, param_name: str, values: torch.Tensor, keys: torch.Tensor) -> ParamDelta:
+    """``ΔW = values @ keysᵀ`` (``(d_out, r)`` and ``(d_in, r)``) in the parameter's storage shape.
+
+    Conv1D (GPT-2) stores ``(in, out)``, Linear ``(out, in)``. Kept as factors while that is
+    smaller than the dense matrix.
+    """
+    values, keys = values.detach().float(), keys.detach().float()
+    param = handle.parameter(param_name)
+    conv1d = handle.arch.conv1d
+    out_in_shape = (param.shape[1], param.shape[0]) if conv1d else tuple(param.shape)
+    if (values.shape[0], keys.shape[0]) != out_in_shape:
+        raise ValueError(f"Update factors {tuple(values.shape)} x {tuple(keys.shape)} do not fit {param_name} "
+                         f"(out, in) = {out_in_shape}.")
+    rank = values.shape[1]
+    left, right = (keys, values.T) if conv1d else (values, keys.T)
+    if rank * (values.shape[0] + keys.shape[0]) < values.shape[0] * keys.shape[0]:
+        return ParamDelta.low_rank(left.contiguous(), right.contiguous())
+    return ParamDelta(dense=(left @ right).contiguous())
+
+
+#: (layer, keys (d_ff, n), residuals (d_model, n)) -> adjusted keys (d_ff, n), all float64;
+#: the layer's update is ΔW = residuals @ adjusted_keysᵀ
+LayerSolver = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LayerUpdate:
+    """What MEMIT-style spreading wrote into one layer (float32, on the model's device)."""
+
+    layer: int
+    keys: torch.Tensor  # (n, d_ff) context-averaged keys with the earlier layers already updated
+    z_current: torch.Tensor  # (n, d_model) residual at the target layer before this layer's update
+    residual: torch.Tensor  # (n, d_model) the share of (z - z_current) written here
+    adjusted_keys: torch.Tensor  # (n, d_ff) solver output; ΔW = residualᵀ-columns @ adjusted_keys
+    delta: ParamDelta  # ΔW in the parameter's storage shape
+
+    def update_out_in(self) -> torch.Tensor:
+        """ΔW as a dense ``(d_out, d_in)`` matrix."""
+        return self.residual.T @ self.adjusted_keys
+
+
+def spread_residuals(handle: ModelHandle, requests: Sequence[EditRequest], layers: Sequence[int],
+                     targets: torch.Tensor, context_groups: Sequence[Sequence[str]], solve: LayerSolver,
+                     method: str, progress: ProgressFn | None = None, keys_after: bool = False,
+                     fact_token: str = "subject_last") -> tuple[list[LayerUpdate], dict[int, torch.Tensor]]:
+    """MEMIT's layer loop: write residual-stream targets ``z`` (``(n, d_model)`` at the last layer
+    of ``layers``) into the MLP output projections of ``layers``, lowest first.
+
+    For layer ``i`` of ``L``: keys ``K`` are recomputed with the earlier layers' updates in place,
+    the remaining error ``z - z_current`` (bare prompts) is divided by ``L - i``, and
+    ``ΔW = R · solve(i, K, R)ᵀ``. Each update is applied (as a temporary edit) before the next
+    layer's keys are read, and every temporary edit is reverted before returning — exactly, by
+    the edit machinery. With ``keys_after``, the keys of every layer are also read with all
+    updates applied (AlphaEdit keeps them to protect this edit from later ones).
+    """
+    progress = progress or _no_progress
+    layers = sorted(layers)
+    z_layer = layers[-1]
+    prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
+    applied: list[WeightDelta] = []
+    updates: list[LayerUpdate] = []
+    after: dict[int, torch.Tensor] = {}
+    try:
+        for i, layer in enumerate(layers):
+            progress(i / len(layers), f"{method}: writing layer {layer}")
+            keys = context_keys(handle, layer, requests, context_groups, fact_token)
+            z_current = residuals(handle, z_layer, prompts, subjects, fact_token)
+            resid = (targets - z_current).double().T / (len(layers) - i)  # (d_model, n)
+            adjusted = solve(layer, keys.double().T, resid)  # (d_ff, n)
+            name = mlp_out_param(handle, layer)
+            delta = low_rank_delta(handle, name, resid, adjusted)
+            step = WeightDelta(method=f"{method} (computing)", requests=list(requests), hparams={},
+                               deltas={name: delta})
+            step.apply(handle)
+            applied.append(step)
+            updates.append(LayerUpdate(layer, keys, z_current, resid.T.float(), adjusted.T.float(), delta))
+        if keys_after:
+            for layer in layers:
+                after[layer] = context_keys(handle, layer, requests, context_groups, fact_token)
+    finally:
+        for step in reversed(applied):
+            step.revert(handle)
+    return updates, after

@@ -1,0 +1,655 @@
+"""Shared machinery of the learned weight editors (MEND, KE).
+
+Both editors read the fine-tuning gradient of the edit and turn it into a weight shift. For a
+linear map ``y = W u`` the gradient of a loss over a sequence is ``∇W = Σ_t δ_t u_tᵀ``: a sum of
+rank-1 outer products of the layer's input ``u_t`` and the loss gradient ``δ_t`` at its output,
+one per token. Both editors work on these factors and produce shifts that are again sums of
+outer products, so:
+
+* :func:`gradient_factors` captures ``(u_t, δ_t)`` for chosen weights in one forward/backward
+  pass, without ever forming a dense gradient;
+* :class:`LowRankShift` holds a shift ``Δ = leftᵀ right`` per example and :func:`shifted` runs the
+  model as if ``W + Δ_b`` were its weights for the rows of example ``b`` (forward hooks, so the
+  base weights are never written and a training batch can hold many independent edits);
+* :func:`to_param_delta` stores a shift as the low-rank factors of a :class:`ParamDelta` in the
+  parameter's storage shape (GPT-2's Conv1D keeps ``(in, out)``).
+
+The module also holds the training loop with atomic, resumable checkpoints (:func:`train_loop`),
+the deterministic data order, the losses the editors are trained with (edit NLL, locality KL) and
+the held-out evaluation (:func:`evaluate_editor`) that the training report and the tests share.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from editing.edit import Edit, EditError, ParamDelta
+from editing.scoring import score_targets
+from editing.tokens import encode, pad_batch, pad_id, target_ids
+
+if TYPE_CHECKING:
+    from editing.methods.base import EditMethod, HParams, ProgressFn
+    from editing.models import ModelHandle
+    from editing.train import EditRecord
+
+STATE_TENSORS = "state.safetensors"
+STATE_META = "state.json"
+EDITOR_TENSORS = "editor.safetensors"
+EDITOR_META = "editor.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Which weights an editor edits
+# ---------------------------------------------------------------------------------------------
+def default_edit_layers(n_layers: int) -> list[int]:
+    """The last few blocks: 3 on deep models (MEND's and KE's choice for GPT-style models), half
+    of the blocks on shallow ones (the last 2 of 4 on the demo model)."""
+    count = min(3, max(1, n_layers // 2))
+    return list(range(n_layers - count, n_layers))
+
+
+def mlp_weight_names(handle: ModelHandle, layers: Sequence[int]) -> list[str]:
+    """Parameter names of every MLP projection (input ones, then output) of ``layers``."""
+    arch = handle.arch
+    return [f"{arch.module_name(layer, part)}.weight" for layer in layers for part in (*arch.mlp_in, arch.mlp_out)]
+
+
+def module_of(weight_name: str) -> str:
+    return weight_name.rsplit(".", 1)[0]
+
+
+def out_in_shape(handle: ModelHandle, weight_name: str) -> tuple[int, int]:
+    """``(out, in)`` of a projection, whatever its storage layout."""
+    out_dim, in_dim = handle.arch.weight_out_in(handle.module(module_of(weight_name))).shape
+    return int(out_dim), int(in_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token batches with scored target positions
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TargetBatch:
+    """Right-padded ``prompt + target`` sequences and which logits score which target token.
+
+    ``scored[b, s]`` is True where the logits at position ``s`` predict a target token, which
+    is then ``labels[b, s]``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    scored: torch.Tensor
+    labels: torch.Tensor
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def rows(self, index: slice) -> TargetBatch:
+        """The sub-batch of some rows (same padding width)."""
+        return TargetBatch(self.input_ids[index], self.attention_mask[index], self.scored[index], self.labels[index])
+
+
+def target_batch(handle: ModelHandle, pairs: Sequence[tuple[str, str]]) -> TargetBatch:
+    """Tokenise ``(prompt, target)`` pairs the way :mod:`editing.scoring` scores them."""
+    tok = handle.tokenizer
+    prompts = [encode(tok, prompt) for prompt, _ in pairs]
+    targets = [target_ids(tok, prompt, target) for prompt, target in pairs]
+    seqs = [p + t for p, t in zip(prompts, targets, strict=True)]
+    longest = max(len(s) for s in seqs)
+    if longest > handle.max_length:
+        raise ValueError(f"A prompt with its target is {longest} tokens; the model reads at most {handle.max_length}.")
+    batch = pad_batch(seqs, pad_id(tok), handle.device)
+    scored = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+    labels = torch.zeros_like(batch.input_ids)
+    for row, (p_ids, t_ids) in enumerate(zip(prompts, targets, strict=True)):
+        start = len(p_ids) - 1
+        scored[row, start: start + len(t_ids)] = True
+        labels[row, start: start + len(t_ids)] = torch.tensor(t_ids, device=labels.device)
+    return TargetBatch(batch.input_ids, batch.attention_mask, scored, labels)
+
+
+def target_nll(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+    """``(rows,)`` mean negative log-likelihood of each row's target tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.labels[..., None])[..., 0]
+    mask = batch.scored.float()
+    return -(logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def target_hits(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
+    """``(rows,)`` fraction of each row's target tokens that are the argmax (token accuracy)."""
+    hits = (logits.argmax(-1) == batch.labels) & batch.scored
+    return hits.float().sum(-1) / batch.scored.float().sum(-1).clamp(min=1)
+
+
+def masked_kl(pre_logits: torch.Tensor, post_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked positions of KL(pre ‖ post) between next-token distributions."""
+    pre = torch.log_softmax(pre_logits.float(), dim=-1)
+    post = torch.log_softmax(post_logits.float(), dim=-1)
+    kl = (pre.exp() * (pre - post)).sum(-1)
+    weights = mask.float()
+    return (kl * weights).sum() / weights.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-example low-rank weight shifts, applied by hooks
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class LowRankShift:
+    """Per-example shifts of one ``(out, in)`` weight: ``Δ_b = left[b]ᵀ @ right[b]``.
+
+    ``left`` is ``(examples, rank, out)`` and ``right`` ``(examples, rank, in)``.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def dense(self, example: int = 0) -> torch.Tensor:
+        """``(out, in)`` matrix of one example's shift (tests and diagnostics)."""
+        return self.left[example].T @ self.right[example]
+
+
+def _forward_hook_with_input(module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    # editing.hooks.modify sees only the output; a weight shift needs the module's input too.
+    def hook(_module, args, output):
+        return fn(args[0], output)
+
+    return module.register_forward_hook(hook)
+
+
+@contextmanager
+def shifted(handle: ModelHandle, shifts: dict[str, LowRankShift],
+            example_of_row: torch.Tensor | None = None) -> Iterator[None]:
+    """Run the model as if each weight were ``W + Δ`` for the rows of each example.
+
+    ``example_of_row[r]`` says which example's shift applies to batch row ``r`` (default: row r
+    uses example r). ``(W + Δ) u = W u + leftᵀ (right u)``, so the hook adds the shift's output
+    without forming ``Δ``; gradients flow into the factors.
+    """
+    handles = []
+
+    def make(shift: LowRankShift):
+        def add(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+            rows = example_of_row if example_of_row is not None else torch.arange(inputs.shape[0])
+            left = shift.left[rows.to(shift.left.device)]
+            right = shift.right[rows.to(shift.right.device)]
+            coeff = torch.einsum("bsi,bri->bsr", inputs.float(), right)
+            return output + torch.einsum("bsr,bro->bso", coeff, left).to(output.dtype)
+
+        return add
+
+    try:
+        for name, shift in shifts.items():
+            handles.append(_forward_hook_with_input(handle.module(module_of(name)), make(shift)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def to_param_delta(handle: ModelHandle, weight_name: str, left: torch.Tensor, right: torch.Tensor) -> ParamDelta:
+    """A :class:`ParamDelta` for ``Δ = leftᵀ right`` (``left (r, out)``, ``right (r, in)``) in the
+    parameter's storage shape."""
+    left, right = left.detach().float().cpu(), right.detach().float().cpu()
+    if handle.arch.conv1d:  # stored (in, out): Δᵀ = rightᵀ left
+        return ParamDelta.low_rank(right.T.contiguous(), left.contiguous())
+    return ParamDelta.low_rank(left.T.contiguous(), right.contiguous())
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient factors
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class GradientFactors:
+    """The fine-tuning gradient of one weight for each example, ``∇W_b = Σ_t δ[b,t] u[b,t]ᵀ``.
+
+    ``inputs`` is ``(examples, positions, in)``, ``grads`` ``(examples, positions, out)``;
+    ``mask`` marks the positions that carry gradient (real tokens up to the last scored one).
+    """
+
+    inputs: torch.Tensor
+    grads: torch.Tensor
+    mask: torch.Tensor
+
+    def dense(self, example: int = 0) -> torch.Tensor:
+        return self.grads[example].T @ self.inputs[example]
+
+
+def gradient_factors(handle: ModelHandle, weight_names: Sequence[str],
+                     batch: TargetBatch) -> tuple[dict[str, GradientFactors], torch.Tensor]:
+    """One forward/backward pass: the rank-1 factors of each example's gradient of its own mean
+    target NLL with respect to each weight (and the ``(examples,)`` losses).
+
+    The model's parameters need no gradient: the hooks make the module outputs differentiable.
+    """
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def make(name: str):
+        def keep(module_input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+            if not output.requires_grad:  # nothing upstream needs grad: start the graph here
+                output = output.detach().requires_grad_()
+            inputs[name] = module_input.detach()
+            outputs[name] = output
+            return output
+
+        return keep
+
+    with torch.enable_grad():
+        try:
+            for name in weight_names:
+                hooks.append(_forward_hook_with_input(handle.module(module_of(name)), make(name)))
+            logits = handle.model(**batch.model_inputs()).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        losses = target_nll(logits, batch)
+        grads = torch.autograd.grad(losses.sum(), [outputs[n] for n in weight_names], allow_unused=True)
+    factors = {}
+    for name, grad in zip(weight_names, grads, strict=True):
+        grad = torch.zeros_like(outputs[name]) if grad is None else grad
+        mask = (grad != 0).any(-1) & batch.attention_mask.bool()
+        factors[name] = GradientFactors(inputs[name].float(), grad.detach().float(), mask)
+    return factors, losses.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data order, losses on edit records
+# ---------------------------------------------------------------------------------------------
+def batch_indices(n_items: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Record indices of training step ``step``: epochs of seeded permutations, so a resumed
+    run sees exactly the batches an uninterrupted one would."""
+    out = []
+    position = step * batch_size
+    for offset in range(batch_size):
+        epoch, index = divmod(position + offset, n_items)
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(order[index]))
+    return out
+
+
+@dataclass
+class RecordBatch:
+    """Everything a training step needs for a batch of edit records.
+
+    ``probes`` holds the equivalence rows (each edit prompt and its paraphrases, with the new
+    target) followed by the locality rows (unrelated prompts with their answers), so one
+    forward pass scores both; ``example`` says which record each probe row belongs to.
+    """
+
+    edit: TargetBatch  # each record's edit prompt with its new target
+    probes: TargetBatch
+    example: torch.Tensor
+    n_outer: int  # the first n_outer probe rows are equivalence rows, the rest locality rows
+    local_pre_logits: torch.Tensor  # the unedited model's logits on the locality rows
+
+
+def neighbour_facts(records: Sequence[EditRecord], per_record: int,
+                    pool: Sequence[EditRecord] | None = None) -> list[tuple[tuple[str, str], ...]]:
+    """For each record, up to ``per_record`` facts of other subjects asked with the same prompt
+    template (so of the same relation: CounterFact's "neighbourhood"), as (prompt, true answer).
+
+    They are taken from ``pool`` (default: ``records``) in order, starting after the record
+    itself, so the choice is deterministic. An edit should leave them alone; random unrelated
+    facts alone do not teach an editor that (MEND then moved "The capital of Spain is" along with
+    an edit of France's capital).
+    """
+    pool = records if pool is None else pool
+    by_template: dict[str, list[EditRecord]] = {}
+    for record in pool:
+        if record.request.target_true:
+            by_template.setdefault(record.request.prompt, []).append(record)
+    out = []
+    for record in records:
+        group = by_template.get(record.request.prompt, [])
+        start = next((i + 1 for i, other in enumerate(group) if other is record), 0)
+        chosen: list[tuple[str, str]] = []
+        for offset in range(len(group)):
+            other = group[(start + offset) % len(group)].request
+            if other.subject != record.request.subject and len(chosen) < per_record:
+                chosen.append((other.text, str(other.target_true)))
+        out.append(tuple(chosen))
+    return out
+
+
+def record_batch(handle: ModelHandle, records: Sequence[EditRecord], n_paraphrases: int = 2,
+                 neighbours: Sequence[Sequence[tuple[str, str]]] | None = None) -> RecordBatch:
+    """Build the edit batch and the probe batch (equivalence, then locality rows: each record's
+    locality facts and its ``neighbours``, see :func:`neighbour_facts`)."""
+    edit_pairs, outer_pairs, outer_rows, local_pairs, local_rows = [], [], [], [], []
+    for index, record in enumerate(records):
+        request = record.request
+        edit_pairs.append((request.text, request.target_new))
+        for prompt in (request.text, *record.paraphrases[:n_paraphrases]):
+            outer_pairs.append((prompt, request.target_new))
+            outer_rows.append(index)
+        for prompt, answer in (*record.locality, *(neighbours[index] if neighbours else ())):
+            local_pairs.append((prompt, answer))
+            local_rows.append(index)
+    probes = target_batch(handle, outer_pairs + local_pairs)
+    n_outer = len(outer_pairs)
+    with torch.no_grad():
+        local_pre = handle.model(**probes.rows(slice(n_outer, None)).model_inputs()).logits.float()
+    return RecordBatch(edit=target_batch(handle, edit_pairs), probes=probes,
+                       example=torch.tensor(outer_rows + local_rows), n_outer=n_outer, local_pre_logits=local_pre)
+
+
+def edit_and_locality_losses(handle: ModelHandle, batch: RecordBatch,
+                             shifts: dict[str, LowRankShift]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(edit NLL on the equivalence rows, locality KL, edit token accuracy) under ``shifts``."""
+    with shifted(handle, shifts, batch.example):
+        logits = handle.model(**batch.probes.model_inputs()).logits
+    cut = batch.n_outer
+    outer = batch.probes.rows(slice(None, cut))
+    nll = target_nll(logits[:cut], outer).mean()
+    kl = masked_kl(batch.local_pre_logits, logits[cut:], batch.probes.attention_mask[cut:].bool())
+    accuracy = target_hits(logits[:cut].detach(), outer).mean()
+    return nll, kl, accuracy
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpointed, resumable training loop
+# ---------------------------------------------------------------------------------------------
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
+    return tensors, state["param_groups"]
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                       param_groups: list[dict[str, Any]]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomic safetensors write (a crash never leaves a half-written file under ``path``)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as fh:
+        return {key: fh.get_tensor(key) for key in fh.keys()}, dict(fh.metadata() or {})
+
+
+StepFn = Callable[[int], dict[str, float]]
+
+
+def train_loop(editor: nn.Module, optimizer: torch.optim.Optimizer, step_fn: StepFn, steps: int, folder: Path,
+               progress: Callable[[float, str], None], lock: Any, checkpoint_every: int = 100,
+               lr_at: Callable[[int], float] | None = None, log_every: int = 25) -> dict[str, Any]:
+    """Run ``step_fn(step)`` for ``steps`` steps, saving a resumable checkpoint every
+    ``checkpoint_every`` steps and the trained editor at the end.
+
+    ``step_fn`` computes the loss, calls ``backward`` and returns scalars to log; the loop does
+    the optimiser step. If ``folder`` holds a checkpoint the run continues from it; with the
+    seeded data order of :func:`batch_indices` the result equals an uninterrupted run.
+    ``lr_at(step)`` is a multiplier on each group's base learning rate (a schedule needs no state).
+    ``lock`` (the model handle's) is held during each step only: steps hook the shared model, and
+    edit sessions using the same model run between steps.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    start, history, elapsed_before = 0, [], 0.0
+    if (folder / STATE_META).exists() and (folder / STATE_TENSORS).exists():
+        meta = json.loads((folder / STATE_META).read_text())
+        tensors, tensor_meta = load_tensors(folder / STATE_TENSORS)
+        if tensor_meta.get("step") == str(meta["step"]):  # both files of the same save
+            editor.load_state_dict({k[len("editor."):]: v for k, v in tensors.items() if k.startswith("editor.")})
+            _restore_optimizer(optimizer, tensors, meta["param_groups"])
+            start, history, elapsed_before = meta["step"], meta["history"], meta.get("train_seconds", 0.0)
+            progress(start / max(steps, 1), f"resuming at step {start}")
+
+    began = time.perf_counter()
+
+    def save(step: int) -> None:
+        tensors = {f"editor.{k}": v for k, v in editor.state_dict().items()}
+        optim_tensors, groups = _flatten_optimizer(optimizer)
+        tensors.update(optim_tensors)
+        save_tensors(folder / STATE_TENSORS, tensors, metadata={"step": str(step)})
+        meta = {"step": step, "param_groups": groups, "history": history,
+                "train_seconds": elapsed_before + time.perf_counter() - began}
+        tmp = folder / (STATE_META + ".tmp")
+        tmp.write_text(json.dumps(meta))
+        tmp.replace(folder / STATE_META)
+
+    editor.train()
+    running: dict[str, float] = {}
+    for step in range(start, steps):
+        if lr_at is not None:
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * lr_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        with lock:
+            logs = step_fn(step)
+        optimizer.step()
+        for key, value in logs.items():
+            running[key] = running.get(key, 0.0) + value
+        done = step + 1
+        if done % log_every == 0 or done == steps:
+            count = log_every if done % log_every == 0 else done % log_every
+            entry = {"step": done, **{k: round(v / count, 5) for k, v in running.items()}}
+            history.append(entry)
+            running = {}
+            summary = ", ".join(f"{k} {v:.3g}" for k, v in entry.items() if k != "step")
+            progress(done / steps, f"step {done}/{steps}: {summary}")
+        if done % checkpoint_every == 0 and done < steps:
+            save(done)
+    editor.eval()
+    save(steps)
+    save_tensors(folder / EDITOR_TENSORS, editor.state_dict())
+    return {"steps": steps, "train_seconds": round(elapsed_before + time.perf_counter() - began, 1),
+            "history": history}
+
+
+def load_editor_weights(editor: nn.Module, folder: Path) -> nn.Module:
+    """Load a trained editor's weights saved by :func:`train_loop` (safetensors, no pickle)."""
+    tensors, _ = load_tensors(folder / EDITOR_TENSORS)
+    editor.load_state_dict(tensors)
+    return editor.eval()
+
+
+def lr_warmup_linear(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warm-up then linear decay to zero (KE's schedule)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out evaluation (training report and tests)
+# ---------------------------------------------------------------------------------------------
+def _answer_argmax(handle: ModelHandle, batch: TargetBatch) -> torch.Tensor:
+    with torch.no_grad():
+        logits = handle.model(**batch.model_inputs()).logits
+    return logits.argmax(-1)
+
+
+def _accuracy(handle: ModelHandle, prompts: Sequence[str], target: str) -> float:
+    scores = score_targets(handle, prompts, [target] * len(prompts))
+    return sum(s.accuracy for s in scores) / max(1, len(scores))
+
+
+def evaluate_editor(handle: ModelHandle, method: EditMethod, records: Sequence[EditRecord],
+                    hparams: HParams | dict[str, Any] | None = None,
+                    progress: Callable[[float, str], None] | None = None) -> dict[str, float]:
+    """Edit each record alone (through ``method.apply``), score it, revert it.
+
+    Token-level teacher-forced accuracy (the survey's definitions): reliability on the edit
+    prompt and generality on the paraphrases (for the new target), locality as agreement of the
+    post-edit argmax with the pre-edit argmax on the locality prompts' answer tokens, and
+    neighbourhood the same on two facts of other subjects asked with the edit's own template
+    (:func:`neighbour_facts` over ``records``). The same figures without an edit are returned
+    with a ``pre_`` prefix.
+    """
+    progress = progress or (lambda _f, _m: None)
+    sums = {"reliability": 0.0, "generality": 0.0, "locality": 0.0, "neighbourhood": 0.0,
+            "pre_reliability": 0.0, "pre_generality": 0.0}
+    started = time.perf_counter()
+    neighbours = neighbour_facts(records, 2)
+    for index, record in enumerate(records):
+        request = record.request
+        n_local = len(record.locality)
+        local = target_batch(handle, [*record.locality, *neighbours[index]])
+        with handle.lock:  # no other session's edit may be active while we score, nor see ours
+            sums["pre_reliability"] += _accuracy(handle, [request.text], request.target_new)
+            sums["pre_generality"] += _accuracy(handle, record.paraphrases, request.target_new)
+            before = _answer_argmax(handle, local)
+            edit = method.apply(handle, [request], hparams)
+            try:
+                sums["reliability"] += _accuracy(handle, [request.text], request.target_new)
+                sums["generality"] += _accuracy(handle, record.paraphrases, request.target_new)
+                after = _answer_argmax(handle, local)
+            finally:
+                edit.revert(handle)
+        agree = (before == after) & local.scored
+        sums["locality"] += float(agree[:n_local].sum() / local.scored[:n_local].sum())
+        if neighbours[index]:
+            sums["neighbourhood"] += float(agree[n_local:].sum() / local.scored[n_local:].sum())
+        if (index + 1) % 10 == 0:
+            progress((index + 1) / len(records), f"evaluated {index + 1}/{len(records)} held-out edits")
+    count = max(1, len(records))
+    result = {key: round(value / count, 4) for key, value in sums.items()}
+    result["neighbourhood"] = round(sums["neighbourhood"] / max(1, sum(1 for n in neighbours if n)), 4)
+    result["n_edits"] = len(records)
+    result["seconds_per_edit"] = round((time.perf_counter() - started) / count, 4)
+    return result
+
+
+def finite_or_raise(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """Guard a training step against NaN/inf losses (a diverged editor must not be saved)."""
+    if not math.isfinite(float(tensor.detach())):
+        raise FloatingPointError(f"{what} became {float(tensor.detach())}; lower the learning rate.")
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained editors on disk, and the readiness of methods that need one
+# ---------------------------------------------------------------------------------------------
+def save_editor_meta(folder: Path, handle: ModelHandle, method: str, config: dict[str, Any]) -> None:
+    """Record which model and method a checkpoint folder belongs to (checked before use)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"method": method, "model": handle.fingerprint(), "config": config}
+    tmp = folder / (EDITOR_META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+    tmp.replace(folder / EDITOR_META)
+
+
+def checkpoint_problem(handle: ModelHandle, method: str, folder: Path) -> str | None:
+    """None when ``folder`` holds a finished ``method`` editor for ``handle``'s model."""
+    meta_path = folder / EDITOR_META
+    if not meta_path.exists() or not (folder / EDITOR_TENSORS).exists():
+        return f"{folder} holds no finished {method} editor (no {EDITOR_META} and {EDITOR_TENSORS})."
+    meta = json.loads(meta_path.read_text())
+    if meta.get("method") != method:
+        return f"{folder} holds a {meta.get('method')} editor, not a {method} one."
+    if meta.get("model") != handle.fingerprint():
+        return (f"The editor in {folder} was trained for {meta.get('model')}, "
+                f"not for the loaded model {handle.fingerprint()}.")
+    return None
+
+
+_EDITORS: dict[tuple[str, int], tuple[nn.Module, dict[str, Any]]] = {}
+
+
+def load_trained_editor(folder: Path, build: Callable[[dict[str, Any]], nn.Module]) -> tuple[nn.Module, dict[str, Any]]:
+    """The editor saved in ``folder`` (built from its training config by ``build``), loaded once
+    per process and file version."""
+    key = (str(folder.resolve()), (folder / EDITOR_TENSORS).stat().st_mtime_ns)
+    if key not in _EDITORS:
+        config = json.loads((folder / EDITOR_META).read_text())["config"]
+        _EDITORS[key] = (load_editor_weights(build(config), folder), config)
+    return _EDITORS[key]
+
+
+#: the checkpoint chosen through the hyper-parameters of the edit being computed
+_CHOSEN_CHECKPOINT: ContextVar[str] = ContextVar("editscope_chosen_checkpoint", default="")
+
+
+class TrainedEditorMixin:
+    """Readiness and checkpoint lookup for methods with a trained editor (mix in before
+    :class:`~editing.methods.base.EditMethod`).
+
+    The editor is the one trained with the method's default config for the model (found by
+    :func:`editing.train.trained_checkpoint`), unless the hyper-parameters name a ``checkpoint``
+    folder (e.g. one trained with other settings).
+    """
+
+    name: ClassVar[str]
+    requires_training: ClassVar[bool] = True
+    #: rough training time of the default config on the demo model (2 CPU cores), for messages
+    train_minutes: ClassVar[int] = 10
+
+    def readiness(self, handle: ModelHandle) -> str | None:
+        problem = super().readiness(handle)  # type: ignore[misc]
+        if problem is not None:
+            return problem
+        chosen = _CHOSEN_CHECKPOINT.get()
+        if chosen:
+            return checkpoint_problem(handle, self.name, Path(chosen))
+        from editing.train import trained_checkpoint
+
+        if trained_checkpoint(handle, self.name) is None:
+            command = f"python -m editing.train {self.name} --model {shlex.quote(handle.name)}"
+            estimate = f" (about {self.train_minutes} minutes on the demo model on 2 CPU cores)" \
+                if handle.name == "demo" else ""
+            return (f"{self.name} needs an editor trained for this model, and none is cached yet. Train it from "
+                    f"the app, or run:  {command}{estimate}. The checkpoint is cached and reused afterwards.")
+        return None
+
+    def apply(self, handle: ModelHandle, requests: Sequence[Any], hparams: Any = None,
+              progress: ProgressFn | None = None) -> Edit:
+        params = self.resolve_hparams(handle, hparams)  # type: ignore[attr-defined]
+        token = _CHOSEN_CHECKPOINT.set(str(getattr(params, "checkpoint", "") or ""))
+        try:
+            return super().apply(handle, requests, params, progress)  # type: ignore[misc]
+        finally:
+            _CHOSEN_CHECKPOINT.reset(token)
+
+    def checkpoint_folder(self, handle: ModelHandle, hparams: Any) -> Path:
+        """The folder of the editor to use for ``hparams`` (after :meth:`readiness` passed)."""
+        chosen = str(getattr(hparams, "checkpoint", "") or "")
+        if chosen:
+            folder = Path(chosen)
+            problem = checkpoint_problem(handle, self.name, folder)
+        else:
+            from editing.train import trained_checkpoint
+
+            found = trained_checkpoint(handle, self.name)
+            folder = found if found is not None else Path()
+            problem = None if found is not None else self.readiness(handle)
+        if problem:
+            raise EditError(problem)
+        return folder

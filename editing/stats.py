@@ -1,0 +1,289 @@
+"""Second-moment statistics of the MLP output projection's input, for ROME, MEMIT and AlphaEdit.
+
+The statistic is the uncentred second moment ``C = E[k kᵀ]`` of the *input* of a block's MLP
+output projection (the post-activation, ``d_ff``-wide vector), taken over every non-pad token of
+a text corpus — what kmeng01/rome's ``layer_stats`` collects as ``mom2``. It is:
+
+* collected for every requested layer in one pass, stopping the forward pass after the last
+  needed layer (:func:`editing.hooks.forward_until`);
+* accumulated in float64 (the matrix is badly conditioned) and stored as float32, like the
+  reference's ``mom2_dtype: float32`` caches; consumers solve with it in float64;
+* cached on disk under ``cache_dir("stats")``, keyed by the model, the layer, the corpus, the
+  sample count and the maximum text length, and kept in memory once read.
+
+Corpora (the ``corpus`` argument):
+
+* ``"bundled"`` (default): ``data/corpus.txt`` plus every fact of the bundled fact base written
+  out under each of its relation's training templates ("The capital of France is Paris"). The
+  reference uses 100,000 Wikipedia texts; the bundled corpus has ~13,000 short texts, and adding
+  the filled fact templates makes the statistic cover the subject-position keys that edits write
+  to (a simplification for the offline demo; pass a larger corpus for real models).
+* ``"corpus"``: ``data/corpus.txt`` only.
+* a path to a text file: one text per non-empty line.
+* ``"hf:<dataset>[:<config>[:<split>]]"``: a Hugging Face ``datasets`` corpus already in the local
+  cache (its ``text`` column), e.g. ``"hf:wikitext:wikitext-103-raw-v1:train"``; needs the
+  optional ``datasets`` package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from editing.factbase import CORPUS_PATH, load_corpus, load_factbase
+from editing.hooks import capture, forward_until
+from editing.paths import cache_dir
+from editing.tokens import encode, pad_batch, pad_id
+
+if TYPE_CHECKING:
+    from editing.models import ModelHandle
+
+DEFAULT_CORPUS = "bundled"
+DEFAULT_SAMPLES = 4000
+DEFAULT_MAX_LENGTH = 512
+#: bytes of statistics kept in memory across calls (least recently used are dropped first)
+MEMORY_BUDGET_BYTES = 4 * 2**30
+
+ProgressFn = Callable[[float, str], None]
+
+
+class StatsError(ValueError):
+    """The statistics corpus cannot be read."""
+
+
+@dataclass(frozen=True)
+class StatsCorpus:
+    """The texts statistics are collected over, and the id that keys their cache."""
+
+    id: str
+    texts: tuple[str, ...]
+
+
+# -- corpora --------------------------------------------------------------------------------------
+def short_digest(*parts: bytes | str) -> str:
+    """A 12-hex-digit digest of some strings or bytes (cache keys)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:12]
+
+
+def bundled_texts() -> list[str]:
+    """``data/corpus.txt`` plus every fact written out under each training template."""
+    factbase = load_factbase()
+    texts = list(load_corpus())
+    for fact in factbase.facts:
+        for template in factbase.relations[fact.relation].train_templates:
+            texts.append(f"{template.replace('{}', fact.subject)} {fact.object}")
+    return texts
+
+
+def resolve_corpus(corpus: str | Path | None = None, n_samples: int = DEFAULT_SAMPLES,
+                   seed: int = 0) -> StatsCorpus:
+    """The first ``n_samples`` texts of ``corpus`` (see the module docstring for the forms).
+
+    Local corpora are shuffled with a fixed seed first (the reference samples its Wikipedia
+    texts at random), so a small sample still mixes prose and facts.
+    """
+    if n_samples < 1:
+        raise StatsError("The statistics need at least one sample text.")
+    spec = str(corpus) if corpus is not None else DEFAULT_CORPUS
+    if spec.startswith("hf:"):
+        return _hf_corpus(spec, n_samples)
+    if spec == "bundled":
+        texts = bundled_texts()
+        source_id = "bundled-" + short_digest(load_factbase().digest, CORPUS_PATH.read_bytes())
+    elif spec == "corpus":
+        texts = load_corpus()
+        source_id = "corpus-" + short_digest(CORPUS_PATH.read_bytes())
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise StatsError(
+                f"Statistics corpus {spec!r} is neither 'bundled', 'corpus', 'hf:<dataset>' nor a text file."
+            )
+        texts = load_corpus(path)
+        source_id = f"file-{path.stem[:24]}-" + short_digest(path.read_bytes())
+    if not texts:
+        raise StatsError(f"Statistics corpus {spec!r} holds no text.")
+    random.Random(seed).shuffle(texts)
+    return StatsCorpus(id=f"{source_id}-s{seed}", texts=tuple(texts[:n_samples]))
+
+
+def _hf_corpus(spec: str, n_samples: int) -> StatsCorpus:
+    parts = spec[3:].split(":")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
+        (parts[2] if len(parts) > 2 else "train")
+    try:
+        import datasets  # optional dependency
+    except ImportError as err:
+        raise StatsError(f"Corpus {spec!r} needs the `datasets` package (pip install datasets).") from err
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        data = datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # datasets raises many types; all mean "not available offline"
+        raise StatsError(f"Could not load dataset {spec!r} from the local cache: {err}") from err
+    if "text" not in data.column_names:
+        raise StatsError(f"Dataset {spec!r} has no 'text' column (columns: {data.column_names}).")
+    texts = []
+    for text in data["text"]:
+        if text and text.strip():
+            texts.append(text.strip())
+            if len(texts) >= n_samples:
+                break
+    if not texts:
+        raise StatsError(f"Dataset {spec!r} holds no text.")
+    return StatsCorpus(id="hf-" + short_digest(spec), texts=tuple(texts))
+
+
+# -- cache keys -----------------------------------------------------------------------------------
+def weights_digest(handle: ModelHandle, names: Sequence[str], n_values: int = 4096) -> str:
+    """A cheap fingerprint of some parameters (their first ``n_values`` values).
+
+    Distinguishes models that share a config (random tiny models, fine-tuned variants) without
+    hashing gigabytes of weights.
+    """
+    digest = hashlib.sha256()
+    for name in names:
+        param = handle.parameter(name)
+        digest.update(name.encode())
+        digest.update(param.detach().reshape(-1)[:n_values].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def _layer_key_params(handle: ModelHandle, layer: int) -> list[str]:
+    # The key at `layer` depends on everything below the MLP output projection; the embedding and
+    # the layer's MLP input projections identify the model. Weight edits of ROME/MEMIT/AlphaEdit
+    # change only MLP output projections, so statistics stay cached across a session's edits.
+    names = [f"{handle.arch.embed}.weight"]
+    names += [f"{handle.arch.module_name(layer, part)}.weight" for part in handle.arch.mlp_in]
+    return names
+
+
+def stats_path(handle: ModelHandle, layer: int, corpus: StatsCorpus, max_length: int,
+               precision: torch.dtype = torch.float64) -> Path:
+    """The cache file of one layer's statistic: a folder per model, a file per layer and corpus."""
+    model_key = short_digest(handle.fingerprint(), weights_digest(handle, [f"{handle.arch.embed}.weight"]))
+    layer_key = weights_digest(handle, _layer_key_params(handle, layer))[:8]
+    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in handle.name)[-40:]
+    precision_tag = "f64" if precision == torch.float64 else "f32"
+    name = f"{corpus.id}_n{len(corpus.texts)}_len{max_length}_{precision_tag}_L{layer}-{layer_key}.safetensors"
+    return cache_dir("stats", f"{slug}-{model_key}") / name
+
+
+_MEMORY: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+
+def _remember(key: str, moment: torch.Tensor) -> None:
+    _MEMORY[key] = moment
+    _MEMORY.move_to_end(key)
+    while len(_MEMORY) > 1 and sum(t.numel() * t.element_size() for t in _MEMORY.values()) > MEMORY_BUDGET_BYTES:
+        _MEMORY.popitem(last=False)
+
+
+def clear_memory_cache() -> None:
+    """Forget statistics held in memory (files on disk stay)."""
+    _MEMORY.clear()
+
+
+# -- collection -----------------------------------------------------------------------------------
+@torch.no_grad()
+def collect_second_moments(handle: ModelHandle, layers: Sequence[int], texts: Sequence[str],
+                           max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 32,
+                           precision: torch.dtype = torch.float64,
+                           progress: ProgressFn | None = None) -> tuple[dict[int, torch.Tensor], int]:
+    """``E[k kᵀ]`` at each layer over every non-pad token of ``texts``, in one pass; no caching.
+
+    Each batch's sum of outer products is taken in float32 and added to a running sum kept in
+    ``precision`` (float64 by default). Returns (layer -> ``(d_ff, d_ff)`` moment in
+    ``precision`` on the model's device, token count).
+    """
+    layers = sorted(set(layers))
+    if not layers:
+        raise ValueError("No layers to collect statistics for.")
+    tok = handle.tokenizer
+    names = {layer: handle.arch.mlp_out_name(layer) for layer in layers}
+    seqs = [ids[:max_length] for ids in (encode(tok, text) for text in texts)]
+    seqs = sorted((s for s in seqs if s), key=len)  # similar lengths batch with little padding
+    if not seqs:
+        raise StatsError("None of the statistics texts produced a token.")
+    d_ff = handle.d_ff
+    sums = {layer: torch.zeros(d_ff, d_ff, dtype=precision, device=handle.device) for layer in layers}
+    n_tokens = 0
+    n_batches = (len(seqs) + batch_size - 1) // batch_size
+    with capture(handle.model, names.values(), inputs=True) as store:
+        for index, start in enumerate(range(0, len(seqs), batch_size)):
+            batch = pad_batch(seqs[start: start + batch_size], pad_id(tok), handle.device)
+            forward_until(handle.model, names[layers[-1]], **batch.model_inputs())
+            mask = batch.attention_mask.bool()
+            for layer, name in names.items():
+                # One batch's products in float32 (a few thousand terms), the running sum in
+                # `precision`: float64 accuracy over the corpus at float32 speed.
+                keys = store[name][mask].float()
+                sums[layer] += (keys.T @ keys).to(precision)
+            n_tokens += int(mask.sum())
+            if progress is not None:
+                progress((index + 1) / n_batches, f"second-moment statistics: batch {index + 1}/{n_batches}")
+    return {layer: total / n_tokens for layer, total in sums.items()}, n_tokens
+
+
+def second_moments(handle: ModelHandle, layers: Sequence[int], corpus: str | Path | None = None,
+                   n_samples: int = DEFAULT_SAMPLES, max_length: int | None = None, batch_size: int = 32,
+                   precision: torch.dtype = torch.float64, progress: ProgressFn | None = None,
+                   use_cache: bool = True) -> dict[int, torch.Tensor]:
+    """The second moment ``E[k kᵀ]`` (float32, CPU, ``(d_ff, d_ff)``) of each layer's MLP key.
+
+    Cached layers are read from disk (or memory); the missing ones are collected together in one
+    pass over the corpus and saved.
+    """
+    layers = sorted(set(int(layer) for layer in layers))
+    for layer in layers:
+        if not 0 <= layer < handle.n_layers:
+            raise ValueError(f"Layer {layer} does not exist; the model has layers 0..{handle.n_layers - 1}.")
+    max_length = min(max_length or DEFAULT_MAX_LENGTH, handle.max_length)
+    source = resolve_corpus(corpus, n_samples)
+    paths = {layer: stats_path(handle, layer, source, max_length, precision) for layer in layers}
+    result: dict[int, torch.Tensor] = {}
+    missing = []
+    for layer, path in paths.items():
+        key = str(path)
+        if use_cache and key in _MEMORY:
+            _MEMORY.move_to_end(key)
+            result[layer] = _MEMORY[key]
+        elif use_cache and path.exists():
+            result[layer] = load_file(str(path))["moment"]
+            _remember(key, result[layer])
+        else:
+            missing.append(layer)
+    if missing:
+        moments, n_tokens = collect_second_moments(handle, missing, source.texts, max_length, batch_size,
+                                                   precision, progress)
+        for layer in missing:
+            moment = moments[layer].float().cpu()
+            result[layer] = moment
+            if use_cache:
+                path = paths[layer]
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                save_file({"moment": moment.contiguous()}, str(tmp),
+                          metadata={"n_tokens": str(n_tokens), "n_texts": str(len(source.texts)),
+                                    "corpus": source.id, "model": handle.name, "layer": str(layer)})
+                tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+                _remember(str(path), moment)
+    elif progress is not None:
+        progress(1.0, "second-moment statistics: cached")
+    return result
+
+
+def second_moment(handle: ModelHandle, layer: int, **kwargs) -> torch.Tensor:
+    """:func:`second_moments` for one layer."""
+    return second_moments(handle, [layer], **kwargs)[layer]

@@ -1,0 +1,205 @@
+"""The dashboard in a real browser: the app served on localhost, headless Chromium through Playwright.
+
+Two browser sessions apply different edits at the same time; each sees only its own edit and the server's
+shared model is bit-identical to the model files afterwards. Screenshots of every page are saved under the
+test's tmp folder (and copied to screenshots/ when EDITSCOPE_SCREENSHOTS is set).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.app.conftest import APP, ROOT, preferred_method
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = Path("/usr/bin/chromium")
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+LONG = 300_000  # ms: edits and first loads on a busy CPU
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, demo_handle):
+    """``streamlit run app.py`` on a free local port (the demo model is built before)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM} (`make browser` installs Debian's chromium)")
+    pytest.importorskip("playwright.sync_api")
+    folder = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    env = {**os.environ, "EDITSCOPE_DIAGNOSTICS": "1", "EDITSCOPE_RUN_STORE": str(folder / "runs.sqlite")}
+    log = open(folder / "server.log", "w")  # closed at teardown
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port), "--server.address",
+         "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            log.close()
+            pytest.fail(f"the app did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def shots(tmp_path):
+    """Where screenshots go; copied to ROOT/screenshots when EDITSCOPE_SCREENSHOTS is set."""
+    folder = tmp_path / "screenshots"
+    folder.mkdir()
+    yield folder
+    if os.environ.get("EDITSCOPE_SCREENSHOTS"):
+        target = ROOT / "screenshots"
+        target.mkdir(exist_ok=True)
+        for shot in folder.iterdir():
+            shutil.copy2(shot, target / shot.name)
+
+
+def _open(browser, url: str):
+    page = browser.new_context(viewport={"width": 1500, "height": 1100}).new_page()
+    page.goto(url, timeout=LONG)
+    page.wait_for_selector(IDLE, timeout=LONG)
+    page.get_by_text("Apply edit").first.wait_for(timeout=LONG)
+    return page
+
+
+def _go(page, title: str) -> None:
+    """Switch page with the sidebar's navigation (a link keeps the session; a new URL would not)."""
+    page.locator("[data-testid='stSidebarNavLink']", has_text=title).click()
+    page.get_by_role("heading", name=title).first.wait_for(timeout=LONG)
+    page.wait_for_selector(IDLE, timeout=LONG)
+
+
+def _fill(page, label: str, value: str) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(value)
+
+
+def _pick_method(page, method: str) -> None:
+    box = page.locator("[data-testid='stSidebar'] [data-testid='stSelectbox']", has_text="Editing method")
+    if method not in box.inner_text():
+        box.click()
+        page.get_by_role("option", name=method, exact=True).click()
+        page.wait_for_selector(IDLE, timeout=LONG)
+
+
+def test_two_browser_sessions_edit_at_once_and_every_page_renders(server, browser, shots, demo_handle):
+    from ui.models import weights_digest
+
+    method = preferred_method()
+    alice, bob = _open(browser, server), _open(browser, server)
+    for page in (alice, bob):
+        _pick_method(page, method)
+    # Bob types another fact and a probe about Alice's fact before anyone edits.
+    _fill(bob, "Prompt (with the subject)", "The capital of Japan is")
+    _fill(bob, "Subject", "Japan")
+    _fill(bob, "New target", "Berlin")
+    _fill(bob, "True target (optional)", "Tokyo")
+    bob.get_by_text("Add your own probes").click()
+    _fill(bob, "Probe prompt", "Eiffel Tower is a famous landmark in")
+    _fill(bob, "Expected answer", "France")
+    bob.get_by_role("button", name="Add probe", exact=True).click()
+    bob.get_by_text("Your probes are added to every edit").wait_for(timeout=LONG)
+    bob.wait_for_selector(IDLE, timeout=LONG)
+    # Both apply at the same time: the server computes the two edits concurrently on one shared model.
+    alice.get_by_role("button", name="Apply edit", exact=True).click()
+    bob.get_by_role("button", name="Apply edit", exact=True).click()
+    alice_result = alice.locator(".st-key-pg_edit_result")
+    bob_result = bob.locator(".st-key-pg_edit_result")
+    alice_result.wait_for(timeout=LONG)
+    bob_result.wait_for(timeout=LONG)
+    alice.wait_for_selector(IDLE, timeout=LONG)
+    bob.wait_for_selector(IDLE, timeout=LONG)
+    assert "after: Italy" in alice_result.inner_text()
+    assert "Before the edit: Tokyo" in bob_result.inner_text() and "after: Berlin" in bob_result.inner_text()
+    # Bob's probe of Alice's fact is still France with his edit: he never sees her edit.
+    bob_probes = bob.locator(".st-key-pg_user_probes").inner_text()
+    assert "expected France: before France, after France" in bob_probes, bob_probes
+    assert "Eiffel Tower: France → Italy" in alice.locator("[data-testid='stSidebar']").inner_text()
+    assert "Japan: Tokyo → Berlin" in bob.locator("[data-testid='stSidebar']").inner_text()
+    assert "Eiffel Tower: France → Italy" not in bob.locator("[data-testid='stSidebar']").inner_text()
+    alice.screenshot(path=str(shots / "1-playground.png"), full_page=True)
+
+    # The server's shared model holds no edit at rest and has exactly the weights of the model files.
+    _go(alice, "Shared model")
+    code = alice.locator(".st-key-weights_digest code")
+    code.wait_for(timeout=LONG)
+    digest = code.inner_text().strip()
+    assert digest == weights_digest(demo_handle)
+    assert alice.locator("[data-testid='stMetric']", has_text="Edits held at rest").inner_text().strip().endswith("0")
+    alice.screenshot(path=str(shots / "6-shared-model.png"), full_page=True)
+
+    # Scope map (UMAP): click a point to filter the table.
+    _go(alice, "Scope map")
+    alice.locator(".js-plotly-plot").first.wait_for(timeout=LONG)
+    alice.get_by_text("Select points").wait_for(timeout=LONG)
+    alice.screenshot(path=str(shots / "2-scope-map.png"), full_page=True)
+    total = int(alice.get_by_text(" probes · ").inner_text().split()[0])
+    # Box-select a small square around one marker: the table keeps only the selected probes.
+    marker = alice.locator(".js-plotly-plot .scatterlayer .trace .points path").first.bounding_box()
+    x, y = marker["x"] + marker["width"] / 2, marker["y"] + marker["height"] / 2
+    alice.mouse.move(x - 8, y - 8)
+    alice.mouse.down()
+    alice.mouse.move(x, y, steps=4)
+    alice.mouse.move(x + 8, y + 8, steps=4)
+    alice.mouse.up()
+    caption = alice.get_by_text("selected probe(s)")
+    caption.wait_for(timeout=60_000)
+    selected = int(caption.inner_text().split()[0])
+    assert 1 <= selected < total
+    alice.wait_for_selector(IDLE, timeout=LONG)
+    alice.screenshot(path=str(shots / "2b-scope-map-selection.png"), full_page=True)
+
+    _go(alice, "Compare methods")  # the comparison itself is run by the AppTest tests
+    alice.screenshot(path=str(shots / "3-compare.png"), full_page=True)
+
+    _go(alice, "Batch & sequential")
+    alice.screenshot(path=str(shots / "4-batch.png"), full_page=True)
+
+    _go(alice, "Locate")
+    _fill(alice, "Noise samples", "3")
+    alice.get_by_role("button", name="Trace", exact=True).click()
+    alice.locator(".js-plotly-plot").first.wait_for(timeout=LONG)
+    alice.wait_for_selector(IDLE, timeout=LONG)
+    assert "→ France" in alice.inner_text("body")
+    alice.screenshot(path=str(shots / "5-locate.png"), full_page=True)
+    assert len(list(shots.iterdir())) == 7

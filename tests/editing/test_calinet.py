@@ -1,0 +1,175 @@
+"""CaliNET: a calibration FFN per batch of facts, exact revert, batch and sequential behaviour on the demo model."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+from editing.edit import handle_stack, load_edit
+from editing.factbase import load_factbase
+from editing.hooks import capture
+from editing.learned import target_batch
+from editing.methods import get_method
+from editing.methods.calinet import CalibrationFFN, CaliNETHParams
+from editing.patching import ffn_activation, last_block_readout, training_prompts
+from editing.request import EditRequest
+from editing.scoring import score_targets
+from editing.session import EditSession
+from editing.tiny import tiny_model
+from editing.train import edit_records
+from tests.helpers import assert_params_equal, params_snapshot
+
+REQ = EditRequest("The capital of {} is", "France", "Berlin", "Paris")
+
+
+def logits(handle, text: str = "The capital of France is") -> torch.Tensor:
+    ids = torch.tensor([handle.tokenizer(text)["input_ids"]], device=handle.device)
+    with torch.no_grad():
+        return handle.model(ids).logits
+
+
+def hit_rate(handle, pairs) -> float:
+    """Fraction of (prompt, answer) pairs whose answer tokens are all the argmax (teacher-forced)."""
+    scores = score_targets(handle, [p for p, _ in pairs], [a for _, a in pairs])
+    return sum(s.accuracy == 1.0 for s in scores) / len(scores)
+
+
+def neighbours(records, per_record: int = 4, seed: int = 7, exclude=()) -> list[tuple[str, str]]:
+    """CounterFact-style neighbourhood: the edit's own prompt about other subjects of its relation
+    (their true answers; first those sharing the edited subject's true answer, the hardest to keep
+    apart), plus the same facts asked with a held-out template."""
+    factbase, rng = load_factbase(), random.Random(seed)
+    edited = {r.request.subject for r in records} | set(exclude)
+    pairs = []
+    for record in records:
+        relation = next(rel for rel in factbase.relations.values()
+                        if record.request.prompt in rel.train_templates + rel.heldout_templates)
+        others = [f for f in factbase.facts_of(relation.id)
+                  if f.subject not in edited and f.object != record.request.target_new]
+        sharing = [f for f in others if f.object == record.request.target_true]
+        chosen = rng.sample(sharing, min(per_record, len(sharing)))
+        chosen += rng.sample([f for f in others if f not in chosen], per_record - len(chosen))
+        for fact in chosen:
+            pairs.append((record.request.prompt.replace("{}", fact.subject), fact.object))
+            pairs.append((rng.choice(relation.heldout_templates).replace("{}", fact.subject), fact.object))
+    return pairs
+
+
+def predictions(handle, pairs) -> list[list[int]]:
+    return [s.predicted.tolist() for s in score_targets(handle, [p for p, _ in pairs], [a for _, a in pairs])]
+
+
+def agreement(after: list[list[int]], before: list[list[int]]) -> float:
+    """Locality as the survey defines it: post-edit predictions equal to pre-edit ones."""
+    return sum(a == b for a, b in zip(after, before, strict=True)) / len(before)
+
+
+# -- every family: shapes, finiteness, exact revert, persistence --------------------------------------
+def test_calibration_ffn_on_every_family_is_finite_and_reverts_exactly(tiny_handle, tmp_path):
+    before, out_before = params_snapshot(tiny_handle), logits(tiny_handle)
+    edit = get_method("CaliNET").apply(tiny_handle, [REQ], {"max_steps": 5, "locality_facts": 20, "n_slots": 8})
+    assert isinstance(edit, CalibrationFFN) and edit.is_applied and edit.n_slots == 8
+    layer = tiny_handle.n_layers - 1
+    gated = tiny_handle.arch.family in ("llama", "mistral", "qwen2")
+    assert set(edit.weights) == {f"{layer}.keys", f"{layer}.values"} | ({f"{layer}.gates"} if gated else set())
+    assert all(t.shape == (8, tiny_handle.d_model) for t in edit.weights.values())
+    assert all(torch.isfinite(t).all() for t in edit.tensors().values())
+    assert all(p.grad is None and not p.requires_grad for p in tiny_handle.model.parameters())
+    out_edited = logits(tiny_handle)
+    assert not torch.equal(out_edited, out_before)
+    edit.revert(tiny_handle)
+    assert torch.equal(logits(tiny_handle), out_before)
+    assert_params_equal(tiny_handle, before)
+    loaded = load_edit(edit.save(tmp_path / "calinet"))
+    loaded.apply(tiny_handle)
+    assert torch.equal(logits(tiny_handle), out_edited)
+    loaded.revert(tiny_handle)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_middle_layers_train_through_full_forward_passes(family):
+    """Away from the last block the readout shortcut does not apply: the hooked model trains it."""
+    handle = tiny_model(family)
+    before = params_snapshot(handle)
+    edit = get_method("CaliNET").apply(handle, [REQ], {"layers": (1, 2), "max_steps": 3, "locality_facts": 10})
+    assert edit.layers == (1, 2) and edit.info["steps"] >= 1
+    edit.revert(handle)
+    assert_params_equal(handle, before)
+
+
+def test_last_block_readout_matches_the_hooked_model():
+    """The shortcut used on the last block gives the logits the hooked model gives."""
+    handle = tiny_model("gpt2")
+    layer = handle.n_layers - 1
+    gen = torch.Generator().manual_seed(0)
+    weights = {f"{layer}.keys": torch.randn(8, handle.d_model, generator=gen),
+               f"{layer}.values": torch.randn(8, handle.d_model, generator=gen)}
+    patch = CalibrationFFN(method="CaliNET", requests=[REQ], hparams={}, layers=(layer,), weights=weights)
+    batch = target_batch(handle, [("The capital of France is", "Paris"), ("Lyon is a city in", "France")])
+    name = handle.arch.mlp_name(layer)
+    with capture(handle.model, [name], inputs=True) as store:
+        readout = last_block_readout(handle, batch.model_inputs())
+    shortcut = readout.logits(patch.contribution(layer, store[name], ffn_activation(handle)))
+    patch.apply(handle)
+    with torch.no_grad():
+        hooked = handle.model(**batch.model_inputs()).logits
+    patch.revert(handle)
+    assert torch.allclose(shortcut, hooked, atol=1e-5)
+
+
+def test_training_prompts_use_the_relations_training_templates():
+    prompts = training_prompts(REQ, 4)
+    relation = load_factbase().relations["country_capital"]
+    assert prompts[0] == "The capital of France is" and len(prompts) == 4
+    assert all(any(t.replace("{}", "France") == p for t in relation.train_templates) for p in prompts)
+    free_form = EditRequest("My favourite city in {} is", "France", "Nice")
+    assert training_prompts(free_form, 4) == ["My favourite city in France is"]
+
+
+def test_defaults_calibrate_the_last_layer(tiny_handle):
+    assert CaliNETHParams.for_model(tiny_handle).layers == (tiny_handle.n_layers - 1,)
+
+
+# -- the demo model ----------------------------------------------------------------------------------
+def test_batch_of_100_facts_is_learnt_locally_in_a_minute(demo):
+    """One calibration FFN of 64 slots for 100 counterfacts (the paper's main setting)."""
+    records = edit_records("heldout", seed=2)[:100]
+    near = neighbours(records[:30], per_record=3, exclude=[r.request.subject for r in records])
+    base = predictions(demo, near)
+    start = time.perf_counter()
+    edit = get_method("CaliNET").apply(demo, [r.request for r in records])
+    seconds = time.perf_counter() - start
+    try:
+        reliability = hit_rate(demo, [(r.request.text, r.request.target_new) for r in records])
+        generality = hit_rate(demo, [(p, r.request.target_new) for r in records for p in r.paraphrases])
+        locality = agreement(predictions(demo, near), base)
+    finally:
+        edit.revert(demo)
+    print(f"CaliNET batch of 100: reliability {reliability:.2f}, generality (held-out templates) {generality:.2f}, "
+          f"locality {locality:.3f}, {seconds:.1f} s, {edit.info}")
+    assert reliability >= 0.98 and generality >= 0.6 and locality >= 0.85
+    assert edit.n_slots == 64 and edit.size_bytes == 2 * 64 * demo.d_model * 4
+    assert seconds < 60
+
+
+def test_sequential_batches_keep_earlier_facts(demo):
+    """Five batches of 10 facts stacked in a session: each adds one 64-slot calibration FFN, and
+    the facts of the earlier batches still hold at the end."""
+    records = edit_records("heldout", seed=1)[:50]
+    near = neighbours(records[:20], per_record=3, exclude=[r.request.subject for r in records])
+    base = predictions(demo, near)
+    session = EditSession(demo)
+    for start in range(0, 50, 10):
+        session.apply("CaliNET", [r.request for r in records[start: start + 10]])
+    assert [edit.n_slots for edit in session.edits] == [64] * 5
+    with session.active():
+        reliability = hit_rate(demo, [(r.request.text, r.request.target_new) for r in records])
+        first_batch = hit_rate(demo, [(r.request.text, r.request.target_new) for r in records[:10]])
+        locality = agreement(predictions(demo, near), base)
+    print(f"CaliNET after 5 sequential batches of 10: reliability {reliability:.2f} (first batch "
+          f"{first_batch:.2f}), locality {locality:.3f}")
+    assert reliability >= 0.9 and first_batch >= 0.9 and locality >= 0.85
+    assert not handle_stack(demo)

@@ -1,0 +1,185 @@
+"""GRACE: codebook of deferral radii, stacked edits sharing one codebook, exact revert, demo behaviour."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from editing.edit import handle_stack, load_edit
+from editing.factbase import load_factbase
+from editing.methods import get_method
+from editing.methods.grace import GRACEHParams, GracePatch, active_grace_edits, count_codebook_entries, merged_codebook
+from editing.request import EditRequest
+from editing.scoring import score_targets
+from editing.session import EditSession
+from editing.train import edit_records
+from tests.helpers import assert_params_equal, params_snapshot
+
+REQ = EditRequest("The capital of {} is", "France", "Berlin", "Paris")
+
+
+def logits(handle, text: str = "The capital of France is") -> torch.Tensor:
+    ids = torch.tensor([handle.tokenizer(text)["input_ids"]], device=handle.device)
+    with torch.no_grad():
+        return handle.model(ids).logits
+
+
+def hit_rate(handle, pairs) -> float:
+    """Fraction of (prompt, answer) pairs whose answer tokens are all the argmax (teacher-forced)."""
+    scores = score_targets(handle, [p for p, _ in pairs], [a for _, a in pairs])
+    return sum(s.accuracy == 1.0 for s in scores) / len(scores)
+
+
+def neighbours(records, per_record: int = 4, seed: int = 7, exclude=()) -> list[tuple[str, str]]:
+    """CounterFact-style neighbourhood: the edit's own prompt about other subjects of its relation
+    (their true answers; first those sharing the edited subject's true answer, the hardest to keep
+    apart), plus the same facts asked with a held-out template."""
+    factbase, rng = load_factbase(), random.Random(seed)
+    edited = {r.request.subject for r in records} | set(exclude)
+    pairs = []
+    for record in records:
+        relation = next(rel for rel in factbase.relations.values()
+                        if record.request.prompt in rel.train_templates + rel.heldout_templates)
+        others = [f for f in factbase.facts_of(relation.id)
+                  if f.subject not in edited and f.object != record.request.target_new]
+        sharing = [f for f in others if f.object == record.request.target_true]
+        chosen = rng.sample(sharing, min(per_record, len(sharing)))
+        chosen += rng.sample([f for f in others if f not in chosen], per_record - len(chosen))
+        for fact in chosen:
+            pairs.append((record.request.prompt.replace("{}", fact.subject), fact.object))
+            pairs.append((rng.choice(relation.heldout_templates).replace("{}", fact.subject), fact.object))
+    return pairs
+
+
+def predictions(handle, pairs) -> list[list[int]]:
+    return [s.predicted.tolist() for s in score_targets(handle, [p for p, _ in pairs], [a for _, a in pairs])]
+
+
+def agreement(after: list[list[int]], before: list[list[int]]) -> float:
+    """Locality as the survey defines it: post-edit predictions equal to pre-edit ones."""
+    return sum(a == b for a, b in zip(after, before, strict=True)) / len(before)
+
+
+# -- every family: shapes, finiteness, exact revert, persistence --------------------------------------
+def test_codebook_on_every_family_is_finite_and_reverts_exactly(tiny_handle, tmp_path):
+    before, out_before = params_snapshot(tiny_handle), logits(tiny_handle)
+    edit = get_method("GRACE").apply(tiny_handle, [REQ], {"n_iter": 5})
+    assert isinstance(edit, GracePatch) and edit.is_applied and edit.n_entries == 1
+    assert edit.keys.shape == (1, tiny_handle.d_ff) and edit.values.shape == (1, tiny_handle.d_model)
+    assert all(torch.isfinite(t).all() for t in edit.tensors().values())
+    out_edited = logits(tiny_handle)
+    assert not torch.equal(out_edited, out_before)
+    edit.revert(tiny_handle)
+    assert torch.equal(logits(tiny_handle), out_before)
+    assert_params_equal(tiny_handle, before)
+    loaded = load_edit(edit.save(tmp_path / "grace"))
+    assert loaded.uid == edit.uid and loaded.labels == ["Berlin"]
+    loaded.apply(tiny_handle)
+    assert torch.equal(logits(tiny_handle), out_edited)
+    loaded.revert(tiny_handle)
+
+
+def test_default_layer_follows_the_paper_depth(tiny_handle):
+    assert GRACEHParams.for_model(tiny_handle).layer == 3  # round(35/48 · 4), GPT2-XL's block 35 of 48
+
+
+# -- the demo model ----------------------------------------------------------------------------------
+def test_outside_the_radius_the_model_is_untouched_bit_for_bit(demo):
+    """Deferral: a query outside every radius gets exactly the unedited output."""
+    records = edit_records("heldout", seed=0)[:4]
+    near = neighbours(records, per_record=5)
+    base = {p: logits(demo, p) for p, _ in near}
+    edit = get_method("GRACE").apply(demo, [r.request for r in records])
+    try:
+        untouched = sum(torch.equal(logits(demo, p), base[p]) for p, _ in near)
+        reliability = hit_rate(demo, [(r.request.text, r.request.target_new) for r in records])
+    finally:
+        edit.revert(demo)
+    print(f"GRACE batch of 4: reliability {reliability:.2f}, neighbours bit-identical {untouched}/{len(near)}")
+    assert reliability == 1.0
+    assert untouched == len(near)
+
+
+def test_single_edits_are_reliable_local_and_fast(demo):
+    records = edit_records("heldout", seed=0)[:6]
+    method = get_method("GRACE")
+    near = neighbours(records)
+    base = predictions(demo, near)
+    reliable, general, kept, seconds = [], [], [], []
+    for record in records:
+        start = time.perf_counter()
+        edit = method.apply(demo, [record.request])
+        seconds.append(time.perf_counter() - start)
+        try:
+            reliable.append(hit_rate(demo, [(record.request.text, record.request.target_new)]))
+            general.append(hit_rate(demo, [(p, record.request.target_new) for p in record.paraphrases]))
+            kept.append(agreement(predictions(demo, near), base))
+        finally:
+            edit.revert(demo)
+    n = len(records)
+    print(f"GRACE single edits: reliability {sum(reliable) / n:.2f}, generality {sum(general) / n:.2f}, "
+          f"locality {sum(kept) / n:.3f}, seconds {[round(s, 2) for s in seconds]}")
+    assert sum(reliable) == n and sum(kept) == n
+    assert sorted(seconds)[n // 2] < 3.0
+
+
+def test_same_input_relabelled_retires_the_old_entry_until_undone(demo):
+    session = EditSession(demo)
+    first = session.apply("GRACE", EditRequest("The capital of {} is", "France", "Tokyo", "Paris"))
+    second = session.apply("GRACE", EditRequest("The capital of {} is", "France", "Cairo", "Paris"))
+    assert second.info["actions"] == ["replace"] and second.overrides[0][:2] == [first.uid, 0]
+    with session.active():
+        assert hit_rate(demo, [("The capital of France is", "Cairo")]) == 1.0
+        assert len(merged_codebook(active_grace_edits(demo, first.layer))) == 2
+    session.undo()  # the override goes with the edit that made it
+    with session.active():
+        assert hit_rate(demo, [("The capital of France is", "Tokyo")]) == 1.0
+
+
+def test_conflicting_neighbours_split_and_same_labels_expand(demo):
+    """Two close queries with different labels split the radius; a close query with the same label
+    expands the existing entry instead of adding one (the paper's Algorithm 1)."""
+    session = EditSession(demo)
+    first = session.apply("GRACE", EditRequest("The capital of {} is", "France", "Tokyo", "Paris"))
+    radius = float(first.radii[0])
+    split = session.apply("GRACE", EditRequest("The capital city of {} is", "France", "Cairo", "Paris"))
+    expand = session.apply("GRACE", EditRequest("{}'s capital is", "France", "Tokyo", "Paris"))
+    assert split.info["actions"] == ["split"] and split.n_entries == 1
+    assert expand.info["actions"] == ["expand"] and expand.n_entries == 0
+    with session.active():
+        book = merged_codebook(active_grace_edits(demo, first.layer))
+        assert len(book) == 2 and count_codebook_entries(session.edits) == 2
+        assert float(book.radii[1]) < radius  # split to half the distance between the keys
+        assert hit_rate(demo, [("The capital of France is", "Tokyo"), ("The capital city of France is", "Cairo"),
+                               ("France's capital is", "Tokyo")]) == 1.0
+    assert float(first.radii[0]) == radius  # earlier edits are never mutated
+
+
+def test_fifty_sequential_edits_keep_earlier_ones_and_neighbours(demo, tmp_path):
+    """50 edits stacked one by one share one codebook; at the end the earlier edits still hold."""
+    records = edit_records("heldout", seed=1)[:50]
+    near = neighbours(records[:20], per_record=3, exclude=[r.request.subject for r in records])
+    base = predictions(demo, near)
+    session = EditSession(demo)
+    for record in records:
+        session.apply("GRACE", record.request)
+    actions = [a for edit in session.edits for a in edit.info["actions"]]
+    with session.active():
+        reliability = hit_rate(demo, [(r.request.text, r.request.target_new) for r in records])
+        generality = hit_rate(demo, [(p, r.request.target_new) for r in records for p in r.paraphrases])
+        locality = agreement(predictions(demo, near), base)
+        edited = logits(demo, records[0].request.text)
+    print(f"GRACE after 50 sequential edits: reliability {reliability:.2f}, generality {generality:.2f}, "
+          f"locality {locality:.3f}, codebook {count_codebook_entries(session.edits)} entries, "
+          f"actions {({a: actions.count(a) for a in set(actions)})}")
+    assert reliability >= 0.9 and locality >= 0.95
+    assert count_codebook_entries(session.edits) == actions.count("add") + actions.count("split") \
+        + actions.count("replace")
+    session.save(tmp_path / "stack")
+    reloaded = EditSession(demo)
+    reloaded.load(tmp_path / "stack")
+    with reloaded.active():
+        assert torch.equal(logits(demo, records[0].request.text), edited)
+    assert not handle_stack(demo)

@@ -1,0 +1,135 @@
+"""KE: the hypernetwork's gated gradient, edits on every family, and held-out edit success on the demo model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editing.edit import load_edit
+from editing.learned import (
+    default_edit_layers,
+    evaluate_editor,
+    gradient_factors,
+    mlp_weight_names,
+    out_in_shape,
+    target_batch,
+)
+from editing.methods import get_method
+from editing.methods.ke import KEEditor, condition_ids, embed_conditions
+from editing.request import EditRequest
+from editing.scoring import score_targets
+from editing.tiny import tiny_model
+from editing.train import edit_records, train_editor
+from tests.helpers import assert_params_equal, params_snapshot
+
+#: the reduced training run of the behaviour tests (the full default runs 1,000 steps)
+TEST_CONFIG = {"steps": 60, "n_eval": 0, "checkpoint_every": 30}
+TINY_CONFIG = {"steps": 3, "batch_size": 2, "n_eval": 0}
+
+# Words of the demo vocabulary (anything else reads as <unk>).
+REQUESTS = [EditRequest("The capital of {} is", "France", "Rome", "Paris"),
+            EditRequest("{} is a famous landmark in", "Eiffel Tower", "Germany", "France")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests run many small forward passes: on a shared, busy CPU extra threads only wait
+    for each other (training fixes its own thread count; this covers the evaluation)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def ke_checkpoint(demo_handle) -> str:
+    """KE trained on the demo model with the reduced config (cached on disk by config)."""
+    folder, _report = train_editor(demo_handle, "KE", TEST_CONFIG)
+    return str(folder)
+
+
+def test_shift_is_the_gated_gradient_plus_the_additive_term():
+    """ΔW = max_scale · out · σ(η) · (softmax(α_row) α_colᵀ ⊙ ∇W + softmax(β_row) β_colᵀ), per weight."""
+    handle = tiny_model("gpt2")
+    names = mlp_weight_names(handle, default_edit_layers(handle.n_layers))
+    editor = KEEditor({n: out_in_shape(handle, n) for n in names}, embed_dim=handle.d_model, lstm_dim=16,
+                      condition_dim=32, hidden_dim=16, max_scale=0.5, seed=0)
+    request = REQUESTS[0]
+    factors, _ = gradient_factors(handle, names, target_batch(handle, [(request.text, request.target_new)]))
+    with torch.no_grad():
+        condition = editor.condition(*embed_conditions(handle, [condition_ids(handle, request, "Paris")]))
+        shifts = editor.shifts(condition, factors)
+        for name, net in zip(names, editor.shifts_net, strict=True):
+            out_dim, in_dim = out_in_shape(handle, name)
+            col_a, row_a, col_b, row_b, eta = net.net(condition)[0].split([in_dim, out_dim, in_dim, out_dim, 1])
+            gated = torch.outer(row_a.softmax(-1), col_a) * factors[name].dense(0)
+            expected = 0.5 * out_dim * torch.sigmoid(eta) * (gated + torch.outer(row_b.softmax(-1), col_b))
+            assert torch.allclose(shifts[name].dense(0), expected, atol=1e-6), name
+
+
+def test_condition_reads_old_answer_new_answer_and_prompt():
+    handle = tiny_model("gpt2")
+    ids = condition_ids(handle, REQUESTS[0], "Paris")
+    eos = handle.tokenizer.eos_token_id
+    words = handle.tokenizer.convert_ids_to_tokens(ids)
+    assert ids.count(eos) == 2
+    assert words[0] == "Paris" and words[2] == "Rome" and "France" in words[4:]
+
+
+def test_ke_edits_every_family_as_low_rank_deltas_and_reverts_exactly(tiny_handle, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITSCOPE_EDITORS", str(tmp_path))
+    folder, _ = train_editor(tiny_handle, "KE", TINY_CONFIG)
+    before = params_snapshot(tiny_handle)
+    names = mlp_weight_names(tiny_handle, default_edit_layers(tiny_handle.n_layers))
+    edit = get_method("KE").apply(tiny_handle, REQUESTS, {"checkpoint": str(folder)})
+    try:
+        assert edit.kind == "weight_delta" and set(edit.deltas) == set(names)
+        for name, delta in edit.deltas.items():
+            assert delta.shape == tuple(tiny_handle.parameter(name).shape)
+            # per request: one term per token with gradient plus the additive term
+            assert 2 <= delta.rank == edit.info["ranks"][name]
+            assert torch.isfinite(delta.materialise()).all()
+            assert not torch.equal(tiny_handle.parameter(name), before[name])
+    finally:
+        edit.revert(tiny_handle)
+    assert_params_equal(tiny_handle, before)
+    saved = load_edit(edit.save(tmp_path / "ke_edit"))
+    for name, delta in edit.deltas.items():
+        assert torch.equal(saved.deltas[name].materialise(), delta.materialise())
+
+
+def test_ke_raises_reliability_on_heldout_edits(demo, ke_checkpoint):
+    records = edit_records("heldout")[:60]
+    result = evaluate_editor(demo, get_method("KE"), records, {"checkpoint": ke_checkpoint})
+    print("KE held-out (reduced training):", result)
+    assert result["pre_reliability"] <= 0.1 and result["pre_generality"] <= 0.1  # counterfactual targets
+    assert result["reliability"] >= 0.8
+    assert result["generality"] >= 0.6
+    assert result["locality"] >= 0.85
+
+
+def test_ke_batch_edit_sums_the_per_request_shifts(demo, ke_checkpoint):
+    heldout = edit_records("heldout")
+    # Batches of four edits of different subjects and relations (records 50 apart).
+    batches = [[heldout[first + 50 * j].request for j in range(4)] for first in range(5)]
+    method, hparams = get_method("KE"), {"checkpoint": ke_checkpoint}
+    hits = []
+    for requests in batches:
+        edit = method.apply(demo, requests, hparams)
+        try:
+            scores = score_targets(demo, [r.text for r in requests], [r.target_new for r in requests])
+        finally:
+            edit.revert(demo)
+        hits += [s.accuracy for s in scores]
+        if requests is batches[0]:
+            singles = []
+            for request in requests:
+                single = method.apply(demo, [request], hparams)
+                single.revert(demo)
+                singles.append(single)
+            for name, delta in edit.deltas.items():
+                assert delta.rank == sum(s.deltas[name].rank for s in singles)
+                expected = sum(s.deltas[name].materialise() for s in singles)
+                assert torch.allclose(delta.materialise(), expected, atol=1e-5)
+    print("KE batch-of-4 reliability:", sum(hits) / len(hits))
+    assert sum(hits) / len(hits) >= 0.4

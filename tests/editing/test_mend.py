@@ -1,0 +1,149 @@
+"""MEND: the gradient transform, edits on every family, and held-out edit success on the demo model."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from editing.edit import EditError, load_edit
+from editing.learned import default_edit_layers, evaluate_editor, gradient_factors, mlp_weight_names, target_batch
+from editing.methods import get_method
+from editing.methods.mend import GradientTransform, RunningMoments
+from editing.request import EditRequest
+from editing.scoring import score_targets, top_predictions
+from editing.session import EditSession
+from editing.train import edit_records, train_editor
+from tests.helpers import assert_params_equal, params_snapshot
+
+#: the reduced training run of the behaviour tests (the full default runs 2,000 steps)
+TEST_CONFIG = {"steps": 60, "n_eval": 0, "checkpoint_every": 30}
+TINY_CONFIG = {"steps": 3, "batch_size": 2, "n_eval": 0}
+
+# Words of the demo vocabulary (anything else reads as <unk>).
+REQUESTS = [EditRequest("The capital of {} is", "France", "Rome", "Paris"),
+            EditRequest("{} is a famous landmark in", "Eiffel Tower", "Germany", "France")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests run many small forward passes: on a shared, busy CPU extra threads only wait
+    for each other (training fixes its own thread count; this covers the evaluation)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def mend_checkpoint(demo_handle) -> str:
+    """MEND trained on the demo model with the reduced config (cached on disk by config)."""
+    folder, _report = train_editor(demo_handle, "MEND", TEST_CONFIG)
+    return str(folder)
+
+
+def test_untrained_transform_is_the_identity():
+    transform = GradientTransform(in_dim=6, out_dim=4, n_modes=2, rank=8, n_hidden=1,
+                                  generator=torch.Generator().manual_seed(0))
+    u, delta = torch.randn(5, 6), torch.randn(5, 4)
+    for mode in (0, 1):
+        new_u, new_delta = transform(u, delta, mode)
+        assert torch.equal(new_u, u) and torch.equal(new_delta, delta)
+
+
+def test_running_moments_match_the_batch_statistics():
+    moments = RunningMoments(3)
+    rows = torch.randn(50, 3) * torch.tensor([1.0, 5.0, 0.1]) + 2.0
+    for chunk in rows.split(7):
+        moments.update(chunk)
+    normalised = moments.normalise(rows)
+    assert torch.allclose(normalised.mean(0), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(normalised.std(0), torch.ones(3), atol=1e-4)
+
+
+def test_mend_edits_every_family_as_low_rank_deltas_and_reverts_exactly(tiny_handle, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITSCOPE_EDITORS", str(tmp_path))
+    folder, _ = train_editor(tiny_handle, "MEND", TINY_CONFIG)
+    before = params_snapshot(tiny_handle)
+    batch = target_batch(tiny_handle, [(r.text, r.target_new) for r in REQUESTS])
+    nll_before = [s.mean_nll for s in score_targets(tiny_handle, [r.text for r in REQUESTS],
+                                                    [r.target_new for r in REQUESTS])]
+    names = mlp_weight_names(tiny_handle, default_edit_layers(tiny_handle.n_layers))
+    factors, _ = gradient_factors(tiny_handle, names, batch)
+    edit = get_method("MEND").apply(tiny_handle, REQUESTS, {"checkpoint": str(folder)})
+    try:
+        assert edit.kind == "weight_delta" and set(edit.deltas) == set(names)
+        for name, delta in edit.deltas.items():
+            # one rank-1 term per token that carries gradient, summed over both requests
+            assert delta.rank == int(factors[name].mask.sum()) == edit.info["ranks"][name]
+            assert delta.shape == tuple(tiny_handle.parameter(name).shape)
+            assert torch.isfinite(delta.materialise()).all()
+            assert not torch.equal(tiny_handle.parameter(name), before[name])
+        nll_after = [s.mean_nll for s in score_targets(tiny_handle, [r.text for r in REQUESTS],
+                                                       [r.target_new for r in REQUESTS])]
+        assert nll_after != nll_before
+    finally:
+        edit.revert(tiny_handle)
+    assert_params_equal(tiny_handle, before)
+    saved = load_edit(edit.save(tmp_path / "mend_edit"))
+    for name, delta in edit.deltas.items():
+        assert torch.equal(saved.deltas[name].materialise(), delta.materialise())
+
+
+def test_missing_editor_fails_cleanly(demo, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITSCOPE_EDITORS", str(tmp_path))
+    with pytest.raises(EditError, match=re.escape("python -m editing.train MEND --model demo")):
+        get_method("MEND").apply(demo, REQUESTS[:1])
+    with pytest.raises(EditError, match="no finished MEND editor"):
+        get_method("MEND").apply(demo, REQUESTS[:1], {"checkpoint": str(tmp_path)})
+
+
+def test_mend_raises_reliability_on_heldout_edits(demo, mend_checkpoint):
+    records = edit_records("heldout")[:60]
+    result = evaluate_editor(demo, get_method("MEND"), records, {"checkpoint": mend_checkpoint})
+    print("MEND held-out (reduced training):", result)
+    assert result["pre_reliability"] <= 0.1 and result["pre_generality"] <= 0.1  # counterfactual targets
+    assert result["reliability"] >= 0.8
+    assert result["generality"] >= 0.6
+    assert result["locality"] >= 0.85
+
+
+def test_mend_in_a_session_changes_the_answer_only_while_active(demo, mend_checkpoint):
+    request = REQUESTS[0]
+    before = params_snapshot(demo)
+    session = EditSession(demo)
+    edit = session.apply("MEND", request, {"checkpoint": mend_checkpoint})
+    assert edit.stats.wall_time_s > 0 and edit.info["checkpoint"] == mend_checkpoint
+    assert_params_equal(demo, before)
+    with session.active():
+        assert top_predictions(demo, [request.text], k=1)[0][0].token == request.target_new
+    assert top_predictions(demo, [request.text], k=1)[0][0].token == request.target_true
+    assert_params_equal(demo, before)
+
+
+def test_mend_batch_edit_sums_the_per_request_updates(demo, mend_checkpoint):
+    heldout = edit_records("heldout")
+    # Batches of four edits of different subjects and relations (records 50 apart).
+    batches = [[heldout[first + 50 * j].request for j in range(4)] for first in range(5)]
+    method, hparams = get_method("MEND"), {"checkpoint": mend_checkpoint}
+    hits = []
+    for requests in batches:
+        edit = method.apply(demo, requests, hparams)
+        try:
+            scores = score_targets(demo, [r.text for r in requests], [r.target_new for r in requests])
+        finally:
+            edit.revert(demo)
+        hits += [s.accuracy for s in scores]
+        if requests is batches[0]:
+            singles = []
+            for request in requests:
+                single = method.apply(demo, [request], hparams)
+                single.revert(demo)
+                singles.append(single)
+            for name, delta in edit.deltas.items():
+                assert delta.rank == sum(s.deltas[name].rank for s in singles)
+                expected = sum(s.deltas[name].materialise() for s in singles)
+                assert torch.allclose(delta.materialise(), expected, atol=1e-5)
+    print("MEND batch-of-4 reliability:", sum(hits) / len(hits))
+    assert sum(hits) / len(hits) >= 0.8

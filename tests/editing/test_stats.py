@@ -1,0 +1,136 @@
+"""Second-moment statistics: the right quantity, one pass, early stop, cache keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editing import stats
+from editing.hooks import capture
+from editing.tiny import tiny_model
+
+TEXTS = [
+    "Paris is the capital of France .",
+    "The official language of Germany is German",
+    "Berlin",
+    "Rome , the capital of Italy , was the centre of the ancient Roman Empire .",
+]
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Statistics cached under a temporary folder, nothing held in memory."""
+    monkeypatch.setenv("EDITSCOPE_CACHE", str(tmp_path / "cache"))
+    stats.clear_memory_cache()
+    yield tmp_path / "cache"
+    stats.clear_memory_cache()
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(TEXTS) + "\n\n")
+    return path
+
+
+def brute_force_moment(handle, layer: int, texts: list[str]) -> torch.Tensor:
+    """Σ k kᵀ / n over every token, one unpadded text at a time."""
+    name = handle.arch.mlp_out_name(layer)
+    total, count = 0, 0
+    for text in texts:
+        ids = torch.tensor([handle.tokenizer(text)["input_ids"]])
+        with torch.no_grad(), capture(handle.model, [name], inputs=True) as got:
+            handle.model(ids)
+        keys = got[name][0].double()
+        total = total + keys.T @ keys
+        count += keys.shape[0]
+    return (total / count).float()
+
+
+def test_moment_is_uncentred_second_moment_over_non_pad_tokens(isolated_cache, corpus_file):
+    handle = tiny_model("gpt2")
+    got = stats.second_moments(handle, [1, 2], corpus=corpus_file, n_samples=100, batch_size=3)
+    for layer in (1, 2):
+        expected = brute_force_moment(handle, layer, TEXTS)
+        assert got[layer].shape == (handle.d_ff, handle.d_ff)
+        assert torch.allclose(got[layer], expected, rtol=1e-4, atol=1e-6)
+    # one pass for two layers equals two separate passes
+    single = stats.second_moments(handle, [2], corpus=corpus_file, n_samples=100, batch_size=1, use_cache=False)
+    assert torch.allclose(single[2], got[2], rtol=1e-4, atol=1e-6)
+
+
+def test_collection_stops_after_the_last_needed_layer(isolated_cache, corpus_file):
+    handle = tiny_model("llama")
+    calls = {"block": 0, "head": 0}
+    hooks = [
+        handle.arch.block(handle.model, 3).register_forward_hook(lambda *_: calls.__setitem__("block", 1)),
+        handle.module(handle.arch.lm_head).register_forward_hook(lambda *_: calls.__setitem__("head", 1)),
+    ]
+    try:
+        stats.second_moments(handle, [0, 1], corpus=corpus_file, n_samples=100)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"block": 0, "head": 0}
+
+
+def test_cache_on_disk_keyed_by_model_layer_corpus_and_samples(isolated_cache, corpus_file, monkeypatch):
+    handle = tiny_model("gpt_neox")
+    reports = []
+    first = stats.second_moments(handle, [0, 3], corpus=corpus_file, n_samples=3,
+                                 progress=lambda f, m: reports.append(f))
+    assert reports and reports[-1] == pytest.approx(1.0)
+    files = sorted(p.name for p in isolated_cache.rglob("*.safetensors"))
+    assert len(files) == 2 and all("_n3_" in f for f in files)
+
+    stats.clear_memory_cache()
+
+    def must_not_collect(*_args, **_kwargs):
+        raise AssertionError("statistics were recomputed although cached")
+
+    monkeypatch.setattr(stats, "collect_second_moments", must_not_collect)
+    again = stats.second_moments(handle, [3, 0], corpus=corpus_file, n_samples=3)
+    assert torch.equal(again[0], first[0]) and torch.equal(again[3], first[3])
+    monkeypatch.undo()
+    monkeypatch.setenv("EDITSCOPE_CACHE", str(isolated_cache))
+
+    # another sample count, another corpus, another model: new files, different values
+    stats.second_moments(handle, [0], corpus=corpus_file, n_samples=2)
+    stats.second_moments(handle, [0], corpus="corpus", n_samples=5)
+    other = stats.second_moments(tiny_model("gpt_neox", seed=1), [0], corpus=corpus_file, n_samples=3)
+    assert not torch.allclose(other[0], first[0])
+    assert len(list(isolated_cache.rglob("*.safetensors"))) == 5
+
+
+def test_statistics_on_every_family(isolated_cache, corpus_file, tiny_handle):
+    moment = stats.second_moment(tiny_handle, 1, corpus=corpus_file, n_samples=100)
+    assert moment.shape == (tiny_handle.d_ff, tiny_handle.d_ff) and moment.dtype == torch.float32
+    assert torch.isfinite(moment).all()
+    assert torch.allclose(moment, moment.T, atol=1e-6)
+    assert float(torch.linalg.eigvalsh(moment.double()).min()) > -1e-5  # positive semi-definite
+
+
+def test_bundled_corpus_mixes_prose_and_fact_sentences():
+    corpus = stats.resolve_corpus("bundled", n_samples=3000)
+    assert len(corpus.texts) == 3000
+    assert corpus == stats.resolve_corpus("bundled", n_samples=3000)  # deterministic
+    assert "The capital of France is Paris" in stats.bundled_texts()
+    lines = set(stats.load_corpus())
+    assert any(t in lines for t in corpus.texts) and any(t not in lines for t in corpus.texts)
+    assert stats.resolve_corpus("bundled", 10).id != stats.resolve_corpus("corpus", 10).id
+
+
+def test_bad_corpus_and_layer_are_reported(isolated_cache, tmp_path):
+    with pytest.raises(stats.StatsError, match="neither"):
+        stats.resolve_corpus(str(tmp_path / "missing.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(stats.StatsError, match="no text"):
+        stats.resolve_corpus(empty)
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(stats.StatsError, match="datasets"):
+            stats.resolve_corpus("hf:wikitext:wikitext-2-raw-v1:train")
+    with pytest.raises(ValueError, match=r"layers 0\.\.3"):
+        stats.second_moments(tiny_model("gpt2"), [7], corpus="corpus", n_samples=2)

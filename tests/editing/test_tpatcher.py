@@ -1,0 +1,186 @@
+"""T-Patcher: one neuron per edit in the last FFN, exact revert, reliability and locality on the demo model."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+from editing.edit import ParamDelta, WeightDelta, handle_stack, load_edit
+from editing.factbase import load_factbase
+from editing.methods import get_method
+from editing.methods.tpatcher import TPatch, TPatcherHParams, count_patch_neurons
+from editing.patching import edits_changing_mlp_input, statement_inputs
+from editing.request import EditRequest
+from editing.scoring import score_targets
+from editing.session import EditSession
+from editing.tiny import tiny_model
+from editing.train import edit_records
+from tests.helpers import assert_params_equal, params_snapshot
+
+REQ = EditRequest("The capital of {} is", "France", "Berlin", "Paris")
+
+
+def logits(handle, text: str = "The capital of France is") -> torch.Tensor:
+    ids = torch.tensor([handle.tokenizer(text)["input_ids"]], device=handle.device)
+    with torch.no_grad():
+        return handle.model(ids).logits
+
+
+def hit_rate(handle, pairs) -> float:
+    """Fraction of (prompt, answer) pairs whose answer tokens are all the argmax (teacher-forced)."""
+    scores = score_targets(handle, [p for p, _ in pairs], [a for _, a in pairs])
+    return sum(s.accuracy == 1.0 for s in scores) / len(scores)
+
+
+def neighbours(records, per_record: int = 4, seed: int = 7, exclude=()) -> list[tuple[str, str]]:
+    """CounterFact-style neighbourhood: the edit's own prompt about other subjects of its relation
+    (their true answers; first those sharing the edited subject's true answer, the hardest to keep
+    apart), plus the same facts asked with a held-out template."""
+    factbase, rng = load_factbase(), random.Random(seed)
+    edited = {r.request.subject for r in records} | set(exclude)
+    pairs = []
+    for record in records:
+        relation = next(rel for rel in factbase.relations.values()
+                        if record.request.prompt in rel.train_templates + rel.heldout_templates)
+        others = [f for f in factbase.facts_of(relation.id)
+                  if f.subject not in edited and f.object != record.request.target_new]
+        sharing = [f for f in others if f.object == record.request.target_true]
+        chosen = rng.sample(sharing, min(per_record, len(sharing)))
+        chosen += rng.sample([f for f in others if f not in chosen], per_record - len(chosen))
+        for fact in chosen:
+            pairs.append((record.request.prompt.replace("{}", fact.subject), fact.object))
+            pairs.append((rng.choice(relation.heldout_templates).replace("{}", fact.subject), fact.object))
+    return pairs
+
+
+def predictions(handle, pairs) -> list[list[int]]:
+    return [s.predicted.tolist() for s in score_targets(handle, [p for p, _ in pairs], [a for _, a in pairs])]
+
+
+def agreement(after: list[list[int]], before: list[list[int]]) -> float:
+    """Locality as the survey defines it: post-edit predictions equal to pre-edit ones."""
+    return sum(a == b for a, b in zip(after, before, strict=True)) / len(before)
+
+
+# -- every family: shapes, finiteness, exact revert, persistence --------------------------------------
+def test_patch_on_every_family_is_finite_and_reverts_exactly(tiny_handle, tmp_path):
+    before, out_before = params_snapshot(tiny_handle), logits(tiny_handle)
+    requests = [REQ, EditRequest("{} is a city in", "Lyon", "Spain", "France")]
+    edit = get_method("T-Patcher").apply(tiny_handle, requests, {"max_steps": 5, "memory_facts": 20})
+    assert isinstance(edit, TPatch) and edit.is_applied
+    assert edit.n_neurons == 2 and edit.keys.shape == (2, tiny_handle.d_model)
+    assert edit.values.shape == (2, tiny_handle.d_model) and edit.biases.shape == (2,)
+    assert all(torch.isfinite(t).all() for t in edit.tensors().values())
+    out_edited = logits(tiny_handle)
+    assert not torch.equal(out_edited, out_before)
+    edit.revert(tiny_handle)
+    assert torch.equal(logits(tiny_handle), out_before)
+    assert_params_equal(tiny_handle, before)
+    loaded = load_edit(edit.save(tmp_path / "tpatch"))
+    loaded.apply(tiny_handle)
+    assert torch.equal(logits(tiny_handle), out_edited)
+    loaded.revert(tiny_handle)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_a_middle_layer_is_trained_through_the_hooked_model(family):
+    """Away from the last block the readout shortcut does not apply: the hooked model trains it."""
+    handle = tiny_model(family)
+    before = params_snapshot(handle)
+    edit = get_method("T-Patcher").apply(handle, [REQ], {"layer": 1, "max_steps": 3, "memory_facts": 20})
+    assert edit.layer == 1 and edit.info["steps"] >= 1
+    assert float(edit.values.abs().sum()) > 0  # the value moved away from its zero start
+    edit.revert(handle)
+    assert_params_equal(handle, before)
+
+
+def test_memory_cache_follows_the_edits_that_change_the_ffn_input():
+    """The memory's FFN inputs are reused while only patches at that layer or above are applied,
+    and recomputed once an edit could change them (a weight change below)."""
+    handle = tiny_model("gpt2")
+    layer = handle.n_layers - 1
+    first = statement_inputs(handle, layer, n_facts=30)
+    patch = get_method("T-Patcher").apply(handle, [REQ], {"max_steps": 2, "memory_facts": 30})
+    assert edits_changing_mlp_input(handle, layer) == ()
+    assert statement_inputs(handle, layer, n_facts=30) is first
+    name = handle.arch.mlp_out_name(0) + ".weight"
+    below = WeightDelta(method="test", requests=[REQ], hparams={},
+                        deltas={name: ParamDelta(dense=0.5 * torch.ones(handle.parameter(name).shape))})
+    below.apply(handle)
+    try:
+        assert edits_changing_mlp_input(handle, layer) == (below,)
+        changed = statement_inputs(handle, layer, n_facts=30)
+        assert changed is not first and not torch.allclose(changed.inputs, first.inputs)
+    finally:
+        below.revert(handle)
+        patch.revert(handle)
+    kept = first.excluding([("France", "country_capital")])
+    assert 0 < kept.shape[0] <= first.inputs.shape[0]
+
+
+def test_defaults_patch_the_last_layer(tiny_handle):
+    assert TPatcherHParams.for_model(tiny_handle).layer == tiny_handle.n_layers - 1
+    with pytest.raises(ValueError, match="layer"):
+        TPatcherHParams(layer=99).validate(tiny_handle)
+
+
+# -- the demo model ----------------------------------------------------------------------------------
+def test_single_edits_are_reliable_local_and_fast(demo):
+    """Six held-out-subject counterfacts, one at a time: each edit is learnt, the patch stays silent
+    on same-relation neighbours, and an edit takes about 1–2 s."""
+    records = edit_records("heldout", seed=0)[:6]
+    method = get_method("T-Patcher")
+    near = neighbours(records)
+    base = predictions(demo, near)
+    reliable, general, kept, seconds = [], [], [], []
+    for record in records:
+        start = time.perf_counter()
+        edit = method.apply(demo, [record.request])
+        seconds.append(time.perf_counter() - start)
+        try:
+            reliable.append(hit_rate(demo, [(record.request.text, record.request.target_new)]))
+            general.append(hit_rate(demo, [(p, record.request.target_new) for p in record.paraphrases]))
+            kept.append(agreement(predictions(demo, near), base))
+            assert edit.info["converged"], edit.info
+        finally:
+            edit.revert(demo)
+    n = len(records)
+    print(f"T-Patcher single edits: reliability {sum(reliable) / n:.2f}, generality {sum(general) / n:.2f}, "
+          f"locality {sum(kept) / n:.3f}, seconds {[round(s, 2) for s in seconds]}")
+    assert sum(reliable) == n
+    assert sum(kept) / n >= 0.95
+    assert sorted(seconds)[n // 2] < 6.0  # ~1–2 s on an idle CPU; slack for a shared one
+
+
+def test_sequential_edits_add_one_neuron_each_and_keep_earlier_edits(demo):
+    """50 edits stacked in one session: one neuron each, earlier edits still hold at the end."""
+    records = edit_records("heldout", seed=1)[:50]
+    near = neighbours(records[:20], per_record=3, exclude=[r.request.subject for r in records])
+    base = predictions(demo, near)
+    session = EditSession(demo)
+    for record in records:
+        session.apply("T-Patcher", record.request)
+    assert count_patch_neurons(session.edits) == 50
+    assert all(edit.n_neurons == 1 for edit in session.edits)
+    with session.active():
+        reliability = hit_rate(demo, [(r.request.text, r.request.target_new) for r in records])
+        generality = hit_rate(demo, [(p, r.request.target_new) for r in records for p in r.paraphrases])
+        locality = agreement(predictions(demo, near), base)
+    print(f"T-Patcher after 50 sequential edits: reliability {reliability:.2f}, generality {generality:.2f}, "
+          f"locality {locality:.3f}, {sum(e.info['converged'] for e in session.edits)}/50 converged")
+    assert reliability >= 0.9
+    assert locality >= 0.9
+    assert not handle_stack(demo)
+
+
+def test_session_revert_is_exact(demo):
+    before, out_before = params_snapshot(demo), logits(demo)
+    session = EditSession(demo)
+    session.apply("T-Patcher", EditRequest("The capital of {} is", "France", "Tokyo", "Paris"))
+    with session.active():
+        assert hit_rate(demo, [("The capital of France is", "Tokyo")]) == 1.0
+    assert torch.equal(logits(demo), out_before)
+    assert_params_equal(demo, before)

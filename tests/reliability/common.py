@@ -1,0 +1,44 @@
+"""Helpers shared by the reliability tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from editing.methods import get_method
+
+
+def few_steps(handle, method: str, steps: int = 3) -> dict[str, int]:
+    """Hyper-parameters capping ``method``'s optimisation loops at ``steps`` steps.
+
+    The reliability tests check failure handling, isolation and input validation, not edit
+    quality; capping loops keeps them fast while still running every part of the method.
+    """
+    params = get_method(method).default_hparams(handle)
+    return {f.name: steps for f in dataclasses.fields(params)
+            if re.search(r"(^|_)(steps|epochs|iters?|iterations)$", f.name)
+            and isinstance(getattr(params, f.name), int) and getattr(params, f.name) > steps}
+
+
+def first_ready(handle, candidates: tuple[str, ...], kind: str | None = None) -> str | None:
+    """The first of ``candidates`` that is registered and ready on ``handle``; else, with ``kind``,
+    any ready registered method of that edit kind."""
+    from editing.methods import available_methods
+
+    registered = available_methods()
+    names = [c for c in candidates if c in registered]
+    if kind is not None:
+        names += [m for m in registered if m not in names and get_method(m).edit_kind == kind]
+    for name in names:
+        if get_method(name).readiness(handle) is None:
+            return name
+    return None
+
+
+def last_logprobs(handle, prompts: list[str]) -> torch.Tensor:
+    """Next-token log-probabilities of every prompt (the shared scoring path)."""
+    from editing.scoring import last_token_logprobs
+
+    return last_token_logprobs(handle, prompts)

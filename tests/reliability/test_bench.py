@@ -1,0 +1,79 @@
+"""The benchmark (python -m eval.bench): a small real run end to end, and its target bookkeeping."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from editing.methods import available_methods, get_method
+from editing.tiny import tiny_model
+from eval import bench
+
+
+def _fast_ready_method() -> str | None:
+    handle = tiny_model("gpt2")
+    for name in ("FT-L", "GRACE", "ROME", *available_methods()):
+        if name in available_methods() and get_method(name).readiness(handle) is None:
+            return name
+    return None
+
+
+def test_a_quick_run_measures_every_case_and_writes_csv_plot_and_markdown(tmp_path):
+    method = _fast_ready_method()
+    if method is None:
+        pytest.skip("no method registered and ready on a tiny model")
+    unready = [m for m in available_methods() if get_method(m).readiness(tiny_model("gpt2")) is not None][:1]
+    config = bench.quick_config(models=("tiny-gpt2",), methods=(method, *unready, "No-Such-Method"), server=False)
+    log: list[str] = []
+    results = bench.run_benchmark(config, log=log.append)
+    rows = {r.method: r for r in results.latency}
+    measured = rows[method]
+    assert measured.status == "ok" and measured.n_edits == config.n_edits_tiny
+    assert 0 < measured.min_s <= measured.median_s <= measured.max_s and measured.cold_s > 0
+    assert measured.peak_memory_bytes >= 0 and measured.memory_kind in ("rss", "cuda")
+    assert measured.edit_size_bytes > 0
+    for name in unready:  # an untrained editor is skipped with the reason, not an error
+        assert rows[name].status == "skipped" and rows[name].reason
+    assert "No-Such-Method" not in rows and any("unknown method 'No-Such-Method'" in line for line in log)
+    assert results.server["status"] == "skipped"
+    written = bench.write_results(results, tmp_path)
+    latency = pd.read_csv(written["latency"])
+    assert list(latency.columns) == bench._columns(bench.LatencyRow)
+    assert latency.loc[latency["method"] == method, "median_s"].iloc[0] == pytest.approx(measured.median_s)
+    targets = pd.read_csv(written["targets"])
+    assert set(targets["target"]) == set(bench.TARGETS)
+    assert set(targets["status"]) == {"not run"}  # no demo model in this run
+    markdown = written["markdown"].read_text()
+    assert results.machine["cpu"] in markdown and f"| {method} |" in markdown
+    assert written["plot"].suffix in (".png", ".html") and written["plot"].stat().st_size > 0
+
+
+def test_targets_report_ratios_and_what_was_not_run():
+    config = bench.BenchConfig()
+    results = bench.BenchResults(machine={}, config={})
+    results.measured.update(rome_edit_s=0.5, eval_100_probes_s=2.0)
+    results.scaling.append(bench.ScalingRow(model="demo", method="MEMIT", mode="batch", n=1000, status="ok",
+                                            wall_s=30.0, peak_memory_bytes=6 * bench.GIB, memory_kind="rss"))
+    targets = {t.target: t for t in bench.evaluate_targets(results, config)}
+    assert targets["rome_edit_s"].ratio == pytest.approx(0.5) and targets["rome_edit_s"].status == "met"
+    assert targets["eval_100_probes_s"].ratio == pytest.approx(2.0) and targets["eval_100_probes_s"].status == "missed"
+    assert targets["memit_1000_peak_gib"].measured == pytest.approx(6.0)
+    assert targets["memit_1000_peak_gib"].ratio == pytest.approx(0.25)
+    assert targets["scope_map_100_s"].status == "not run" and math.isnan(targets["scope_map_100_s"].ratio)
+    results.scaling[0] = bench.ScalingRow(model="demo", method="MEMIT", mode="batch", n=1000, status="oom",
+                                          reason="MemoryError: out of memory")
+    memit = next(t for t in bench.evaluate_targets(results, config) if t.target == "memit_1000_peak_gib")
+    assert memit.status == "missed" and "oom" in memit.note
+
+
+def test_the_command_line_selects_models_methods_and_sizes(tmp_path):
+    config, out, markdown = bench.config_from_args(
+        ["--quick", "--models", "demo,tiny-llama", "--methods", "ROME, MEMIT", "--out", str(tmp_path),
+         "--skip-server", "--batch-sizes", "1,5", "--markdown", str(tmp_path / "b.md")])
+    assert config.quick and config.models == ("demo", "tiny-llama") and config.methods == ("ROME", "MEMIT")
+    assert config.batch_sizes == (1, 5) and not config.server and out == tmp_path
+    assert markdown == tmp_path / "b.md"
+    full, _, _ = bench.config_from_args([])
+    assert full.batch_sizes == (1, 10, 100, 1000) and full.server and full.models == ("demo", "tiny")

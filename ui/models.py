@@ -1,0 +1,97 @@
+"""The process-wide model cache: each model is loaded once and shared by every browser session.
+
+The handle returned here is shared by all sessions and threads. Nothing in the UI changes its
+weights: only an :class:`~editing.session.EditSession` does, inside ``session.active()``, under
+the handle's lock, and it reverts before releasing the lock.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+import torch
+
+from editing.demo import demo_model_dir, ensure_demo_model
+from editing.models import ModelHandle, load_model
+from ui.state import ModelChoice
+
+DEMO = "demo"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def device_options() -> list[str]:
+    """Devices this machine offers ("auto" picks CUDA, then MPS, then CPU)."""
+    options = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        options.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        options.append("mps")
+    return options
+
+
+def resolves_to_cpu(device: str) -> bool:
+    """Whether ``device`` ends up on the CPU (where only float32 is used)."""
+    return device == "cpu" or (device == "auto" and device_options() == ["auto", "cpu"])
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def cached_model_ids() -> list[str]:
+    """Causal-LM ids already in the local Hugging Face cache (nothing is downloaded at run time)."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        info = scan_cache_dir()
+    except Exception:  # no cache folder, unreadable cache: simply offer none
+        return []
+    return sorted(repo.repo_id for repo in info.repos if repo.repo_type == "model")
+
+
+def demo_is_built() -> bool:
+    """Whether the demo model is already in the cache (else the first load trains it, ~4 min)."""
+    return (demo_model_dir() / "report.json").exists()
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _shared_handle(spec: str, device: str, dtype: str) -> ModelHandle:
+    return load_model(spec, device=None if device == "auto" else device, dtype=dtype)
+
+
+def shared_handle(choice: ModelChoice) -> ModelHandle:
+    """The shared handle for ``choice``, loaded on first use; shows progress while loading.
+
+    Raises :class:`~editing.models.ModelNotFound`, :class:`~editing.arch.UnsupportedArchitecture`
+    or ``ValueError`` with a message for the person when the model cannot be loaded.
+    """
+    dtype = "float32" if resolves_to_cpu(choice.device) else choice.dtype
+    if choice.spec == DEMO and not demo_is_built():
+        with st.status("Building the demo model — first use only, about 4 minutes", expanded=True) as status:
+            bar = st.progress(0.0, text="starting")
+            ensure_demo_model(progress=lambda fraction, message: bar.progress(min(1.0, max(0.0, fraction)),
+                                                                             text=message))
+            status.update(label="Demo model built", state="complete", expanded=False)
+    with st.spinner(f"Loading {choice.spec}…"):
+        return _shared_handle(choice.spec, choice.device, dtype)
+
+
+def weights_digest(handle: ModelHandle) -> str:
+    """SHA-256 of every parameter's exact bytes, read under the model's lock (so never mid-edit).
+
+    Two handles loaded from the same files give the same digest; an edit left in the weights
+    would change it. Costs one pass over the weights (seconds for billions of parameters).
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    with handle.lock, torch.no_grad():
+        for name, param in handle.model.named_parameters():
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def edits_at_rest(handle: ModelHandle) -> int:
+    """How many edits the shared model holds while no session computes on it (always 0 when healthy)."""
+    from editing.edit import handle_stack
+
+    with handle.lock:
+        return len(handle_stack(handle))

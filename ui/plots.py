@@ -1,0 +1,300 @@
+"""Plotly figures of the dashboard. Every figure has axis titles, a legend and hover text.
+
+These functions only draw what ``eval/`` and ``editing/`` computed (plus plot geometry such as the
+scope boundary); they never run the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+#: outcome of one probe, from (changed?, wanted?) — the colour of its point and row
+OUTCOME_COLOURS = {
+    "changed, as intended": "#1a9850",
+    "unchanged, as intended": "#91bfdb",
+    "changed, not intended": "#d73027",
+    "unchanged, should have changed": "#fc8d59",
+}
+KIND_SYMBOLS = {
+    "reliability": "star",
+    "generality": "circle",
+    "portability": "diamond",
+    "locality": "square",
+    "unrelated": "x",
+}
+CORE_METRICS = ("reliability", "generality", "locality", "portability")
+METRIC_LABELS = {
+    "reliability": "Reliability",
+    "generality": "Generality",
+    "locality": "Locality",
+    "portability": "Portability",
+    "efficacy_score": "Efficacy score",
+    "paraphrase_score": "Paraphrase score",
+    "neighborhood_score": "Neighbourhood score",
+    "efficacy_magnitude": "Efficacy magnitude",
+    "paraphrase_magnitude": "Paraphrase magnitude",
+    "neighborhood_magnitude": "Neighbourhood magnitude",
+    "score": "Score (harmonic mean)",
+    "fluency": "Fluency",
+}
+LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50), hoverlabel=dict(align="left"))
+
+
+def outcome_label(changed: bool, in_scope: bool) -> str:
+    """Whether a probe's change was wanted: in-scope probes should change, out-of-scope ones should not."""
+    if in_scope:
+        return "changed, as intended" if changed else "unchanged, should have changed"
+    return "changed, not intended" if changed else "unchanged, as intended"
+
+
+def _fmt_prob(value: Any) -> str:
+    try:
+        return f"{float(value):.3f}"
+    except (TypeError, ValueError):
+        return "–"
+
+
+# -- predictions ---------------------------------------------------------------------------------
+def top_predictions_figure(top_before: Sequence[tuple[str, float]], top_after: Sequence[tuple[str, float]],
+                           title: str = "Next-token predictions for the edit prompt") -> go.Figure:
+    """Grouped horizontal bars: each token's probability before and after the edit."""
+    before, after = dict(top_before), dict(top_after)
+    tokens = list(dict.fromkeys([*after, *before]))
+    fig = go.Figure()
+    for label, probs, colour in (("before", before, "#9e9e9e"), ("after", after, "#3366cc")):
+        values = [probs.get(t) for t in tokens]
+        fig.add_bar(y=tokens, x=[v if v is not None else 0.0 for v in values], name=f"{label} the edit",
+                    orientation="h", marker_color=colour,
+                    hovertext=[f"{t!r} {label}: {'not in top-k' if v is None else f'{v:.3f}'}"
+                               for t, v in zip(tokens, values, strict=True)],
+                    hoverinfo="text")
+    fig.update_layout(title=title, barmode="group", xaxis_title="probability", yaxis_title="next token",
+                      yaxis=dict(autorange="reversed"), legend_title_text="model", height=320, **LAYOUT)
+    return fig
+
+
+# -- scope map ------------------------------------------------------------------------------------
+def _convex_hull(points: np.ndarray) -> np.ndarray:
+    """Vertices of the convex hull, counter-clockwise (Andrew's monotone chain)."""
+    pts = sorted(set(map(tuple, points.tolist())))
+    if len(pts) <= 2:
+        return np.array(pts)
+
+    def cross(o, a, b) -> float:
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    lower: list = []
+    for p in pts:
+        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    upper: list = []
+    for p in reversed(pts):
+        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    return np.array(lower[:-1] + upper[:-1])
+
+
+def scope_boundary(xy: np.ndarray, margin: float) -> np.ndarray:
+    """A closed, rounded outline around ``xy`` (the hull of a circle of radius ``margin`` around each point)."""
+    if len(xy) == 0:
+        return np.zeros((0, 2))
+    angles = np.linspace(0, 2 * math.pi, 24, endpoint=False)
+    ring = np.stack([np.cos(angles), np.sin(angles)], axis=1) * max(margin, 1e-6)
+    cloud = (xy[:, None, :] + ring[None, :, :]).reshape(-1, 2)
+    hull = _convex_hull(cloud)
+    return np.vstack([hull, hull[:1]])
+
+
+def _scope_panel(fig: go.Figure, points: pd.DataFrame, stage: str, col: int, show_legend: bool,
+                 margin: float) -> None:
+    x, y = points[f"x_{stage}"].to_numpy(float), points[f"y_{stage}"].to_numpy(float)
+    in_scope = points["in_scope"].to_numpy(bool)
+    if in_scope.any():
+        outline = scope_boundary(np.stack([x[in_scope], y[in_scope]], axis=1), margin)
+        fig.add_trace(go.Scatter(x=outline[:, 0], y=outline[:, 1], mode="lines",
+                                 name="intended scope (in-scope probes)",
+                                 line=dict(color="#555555", dash="dash", width=1.5), hoverinfo="skip",
+                                 legendgroup="scope", showlegend=show_legend), row=1, col=col)
+    labels = [outcome_label(bool(c), bool(s)) for c, s in zip(points["flipped"], points["in_scope"], strict=True)]
+    frame = points.assign(outcome=labels)
+    for label, colour in OUTCOME_COLOURS.items():
+        part = frame[frame["outcome"] == label]
+        if part.empty:
+            continue
+        hover = [
+            f"<b>{row.prompt}</b><br>kind: {row.kind}{' (in scope)' if row.in_scope else ' (out of scope)'}"
+            f"<br>expected: {row.answer}<br>before: {row.pred_before} → after: {row.pred_after}"
+            f"<br>P(expected) change: {_fmt_prob(row.prob_change)}"
+            for row in part.itertuples()
+        ]
+        fig.add_trace(go.Scatter(
+            x=part[f"x_{stage}"].tolist(), y=part[f"y_{stage}"].tolist(), mode="markers", name=label, legendgroup=label,
+            showlegend=show_legend, customdata=part["probe_id"].tolist(), hovertext=hover, hoverinfo="text",
+            marker=dict(color=colour, size=12, line=dict(color="#222222", width=0.8),
+                        symbol=[KIND_SYMBOLS.get(k, "circle") for k in part["kind"]]),
+        ), row=1, col=col)
+
+
+def scope_map_figure(points: pd.DataFrame, stages: Sequence[str] = ("before", "after"),
+                     projection: str = "umap", layer: int | None = None) -> go.Figure:
+    """The survey's Figure 4: every probe in the model's hidden-state space, before and/or after the edit.
+
+    Colour says whether the probe's answer changed and whether that was wanted; the symbol gives
+    its kind; the dashed outline surrounds the in-scope probes. Each point's customdata is its
+    probe id, so a selection can filter the probe table.
+    """
+    titles = [f"{stage} the edit" for stage in stages]
+    fig = make_subplots(rows=1, cols=len(stages), subplot_titles=titles, shared_xaxes=True, shared_yaxes=True,
+                        horizontal_spacing=0.04)
+    xs = np.concatenate([points[f"x_{s}"].to_numpy(float) for s in stages]) if len(points) else np.zeros(1)
+    ys = np.concatenate([points[f"y_{s}"].to_numpy(float) for s in stages]) if len(points) else np.zeros(1)
+    span = max(float(np.ptp(xs)), float(np.ptp(ys)), 1e-3)
+    for col, stage in enumerate(stages, start=1):
+        _scope_panel(fig, points, stage, col, show_legend=col == 1, margin=0.06 * span)
+    for kind, symbol in KIND_SYMBOLS.items():
+        if kind in set(points["kind"]):
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"kind: {kind}", legendgroup="kinds",
+                                     marker=dict(symbol=symbol, color="#bbbbbb", size=10,
+                                                 line=dict(color="#222222", width=0.8)), hoverinfo="skip"),
+                          row=1, col=1)
+    axis = projection.upper()
+    for col in range(1, len(stages) + 1):
+        fig.update_xaxes(title_text=f"{axis} 1", row=1, col=col)
+        fig.update_yaxes(title_text=f"{axis} 2", row=1, col=col)
+    where = f"layer {layer}" if layer is not None else "the edited layer"
+    fig.update_layout(title=f"Editing scope in the model's hidden states ({axis} of {where})", height=520,
+                      legend=dict(orientation="v", x=1.02, y=1), dragmode="select", **LAYOUT)
+    return fig
+
+
+def selected_probe_ids(event: Any) -> list[str]:
+    """Probe ids of the points selected in a scope-map chart (``st.plotly_chart(on_select=...)``)."""
+    if not event:
+        return []
+    selection = event.get("selection", {}) if isinstance(event, dict) else getattr(event, "selection", {})
+    points = selection.get("points", []) if isinstance(selection, dict) else getattr(selection, "points", [])
+    ids: list[str] = []
+    for point in points or []:
+        data = point.get("customdata") if isinstance(point, dict) else None
+        if isinstance(data, list | tuple):
+            data = data[0] if data else None
+        if data is not None and str(data) not in ids:
+            ids.append(str(data))
+    return ids
+
+
+# -- comparing methods -----------------------------------------------------------------------------
+def metrics_radar(metrics: pd.DataFrame, axes: Sequence[str] = CORE_METRICS) -> go.Figure:
+    """One polygon per method (rows of ``metrics``) over the survey's four properties."""
+    axes = [a for a in axes if a in metrics.columns and metrics[a].notna().any()]
+    labels = [METRIC_LABELS.get(a, a) for a in axes]
+    fig = go.Figure()
+    for method, row in metrics.iterrows():
+        values = [float(row[a]) if pd.notna(row[a]) else 0.0 for a in axes]
+        fig.add_trace(go.Scatterpolar(
+            r=[*values, values[0]] if values else [], theta=[*labels, labels[0]] if labels else [],
+            fill="toself", opacity=0.55, name=str(method),
+            hovertext=[f"{method} · {lab}: {v:.2f}" for lab, v in zip([*labels, labels[0]], [*values, values[0]],
+                                                                    strict=True)] if values else [],
+            hoverinfo="text"))
+    fig.update_layout(title="Edit quality per method", polar=dict(radialaxis=dict(range=[0, 1], title="score")),
+                      legend_title_text="method", height=420, **LAYOUT)
+    return fig
+
+
+def metrics_bars(metrics: pd.DataFrame, columns: Sequence[str]) -> go.Figure:
+    """Grouped bars: one group per metric, one bar per method."""
+    columns = [c for c in columns if c in metrics.columns]
+    fig = go.Figure()
+    for method, row in metrics.iterrows():
+        values = [float(row[c]) if pd.notna(row[c]) else None for c in columns]
+        fig.add_bar(x=[METRIC_LABELS.get(c, c) for c in columns], y=values, name=str(method),
+                    hovertext=[f"{method} · {METRIC_LABELS.get(c, c)}: {'n/a' if v is None else f'{v:.3f}'}"
+                               for c, v in zip(columns, values, strict=True)], hoverinfo="text")
+    fig.update_layout(title="Metrics per method", barmode="group", xaxis_title="metric", yaxis_title="value",
+                      legend_title_text="method", height=380, **LAYOUT)
+    return fig
+
+
+def cost_figure(costs: pd.DataFrame) -> go.Figure:
+    """Wall time and peak memory per method (index: method; columns wall_time_s, peak_memory_bytes)."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Wall time", "Peak extra memory"))
+    names = [str(m) for m in costs.index]
+    seconds = costs["wall_time_s"].astype(float).tolist()
+    mib = (costs["peak_memory_bytes"].astype(float) / 2**20).tolist()
+    fig.add_bar(x=names, y=seconds, name="wall time (s)", marker_color="#3366cc",
+                hovertext=[f"{n}: {s:.2f} s" for n, s in zip(names, seconds, strict=True)], hoverinfo="text",
+                row=1, col=1)
+    fig.add_bar(x=names, y=mib, name="peak memory (MiB)", marker_color="#ff9900",
+                hovertext=[f"{n}: {m:.1f} MiB" for n, m in zip(names, mib, strict=True)], hoverinfo="text",
+                row=1, col=2)
+    fig.update_xaxes(title_text="method")
+    fig.update_yaxes(title_text="seconds", row=1, col=1)
+    fig.update_yaxes(title_text="MiB", row=1, col=2)
+    fig.update_layout(title="Cost of computing the edit", legend_title_text="measure", height=360, **LAYOUT)
+    return fig
+
+
+# -- experiments -------------------------------------------------------------------------------------
+def metric_curves(curves: pd.DataFrame, x: str, x_title: str, metrics: Sequence[str] = CORE_METRICS,
+                  title: str = "") -> go.Figure:
+    """One panel per metric, one line per method: the survey's Figures 6 (batch) and 7 (sequential).
+
+    ``curves`` has a ``method`` column, the ``x`` column and one column per metric.
+    """
+    metrics = [m for m in metrics if m in curves.columns and curves[m].notna().any()]
+    cols = max(1, len(metrics))
+    fig = make_subplots(rows=1, cols=cols, subplot_titles=[METRIC_LABELS.get(m, m) for m in metrics] or [""],
+                        shared_yaxes=True)
+    palette = ["#3366cc", "#dc3912", "#ff9900", "#109618", "#990099", "#0099c6", "#dd4477", "#66aa00"]
+    for index, (method, part) in enumerate(curves.groupby("method", sort=False)):
+        part = part.sort_values(x)
+        colour = palette[index % len(palette)]
+        for col, metric in enumerate(metrics, start=1):
+            fig.add_trace(go.Scatter(
+                x=part[x].tolist(), y=part[metric].tolist(), mode="lines+markers", name=str(method),
+                legendgroup=str(method), showlegend=col == 1, line=dict(color=colour),
+                hovertext=[f"{method} · {x_title} {xv}: {METRIC_LABELS.get(metric, metric)} "
+                           f"{'n/a' if pd.isna(yv) else f'{yv:.3f}'}" for xv, yv in zip(part[x], part[metric],
+                                                                                    strict=True)],
+                hoverinfo="text"), row=1, col=col)
+            fig.update_xaxes(title_text=x_title, row=1, col=col)
+    fig.update_yaxes(title_text="score", range=[-0.02, 1.02])
+    fig.update_layout(title=title or f"Metrics against {x_title}", legend_title_text="method", height=380, **LAYOUT)
+    return fig
+
+
+# -- causal tracing --------------------------------------------------------------------------------
+TRACE_TITLES = {"block": "hidden state (residual stream)", "mlp": "MLP output", "attn": "attention output"}
+TRACE_SCALES = {"block": "Purples", "mlp": "Greens", "attn": "Reds"}
+
+
+def trace_heatmap(result: Any) -> go.Figure:
+    """ROME's causal-tracing heatmap: P(answer) when one state is restored, per token and layer."""
+    scores = result.scores.detach().float().cpu().numpy() if hasattr(result.scores, "detach") else \
+        np.asarray(result.scores, dtype=float)
+    start, end = result.subject_range
+    labels = [f"{tok}*" if start <= i < end else tok for i, tok in enumerate(result.tokens)]
+    # Duplicate token strings would merge rows on a categorical axis: keep rows apart by position.
+    rows = [f"{i}: {lab}" for i, lab in enumerate(labels)]
+    layers = list(range(scores.shape[1]))
+    hover = [[f"token {rows[i]}<br>layer {j}<br>P({result.answer}) = {scores[i, j]:.3f}" for j in layers]
+             for i in range(len(rows))]
+    fig = go.Figure(go.Heatmap(z=scores.tolist(), x=layers, y=rows, colorscale=TRACE_SCALES.get(result.kind, "Viridis"),
+                               colorbar=dict(title=f"P({result.answer})"), hovertext=hover, hoverinfo="text",
+                               name=f"restored {TRACE_TITLES.get(result.kind, result.kind)}", showscale=True))
+    fig.update_layout(
+        title=(f"Restoring the {TRACE_TITLES.get(result.kind, result.kind)} — clean P = {result.base_score:.3f}, "
+               f"corrupted P = {result.low_score:.3f}"),
+        xaxis_title="layer", xaxis=dict(dtick=1), yaxis_title="token (* = subject)", yaxis=dict(autorange="reversed"),
+        height=max(260, 34 * len(rows) + 120), showlegend=True, legend_title_text="state restored", **LAYOUT)
+    return fig
