@@ -40,6 +40,7 @@ import torch
 from editing.context import fill
 from editing.edit import ParamDelta, WeightDelta
 from editing.hooks import capture, forward_until, modify
+from editing.scoring import check_length
 from editing.tokens import encode, pad_batch, pad_id, subject_last_token, target_ids
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ def module_io_at_subject(handle: ModelHandle, module_name: str, templates: Seque
     the model's device; the forward pass stops after the module.
     """
     ids, positions = subject_inputs(handle, templates, subjects, fact_token)
+    check_length(handle, ids)  # context templates can push a prompt past the position embeddings
     ins, outs = [], []
     for start in range(0, len(ids), batch_size):
         chunk = ids[start: start + batch_size]
@@ -175,13 +177,15 @@ def site_module(handle: ModelHandle, layer: int, site: str) -> str:
 def optimise_values(handle: ModelHandle, requests: Sequence[EditRequest], layer: int, site: str,
                     context_templates: Sequence[str], hparams: ValueHParams | None = None,
                     progress: ProgressFn | None = None, batch_rows: int = 256) -> ValueResult:
-    """Find, per request, the vector at ``site`` of ``layer`` (subject's last token) that makes the
-    model predict ``target_new`` — ROME's ``compute_v`` / MEMIT's ``compute_z`` objective:
+    """Find, per request, the vector at ``site`` of ``layer`` (at the lookup position,
+    ``hparams.fact_token``) that makes the model predict ``target_new`` — ROME's ``compute_v`` /
+    MEMIT's ``compute_z`` objective:
 
     mean over the context-templated prompts of the target's NLL per token, plus ``kl_factor`` ×
-    KL(edited ‖ original) of the next-token distribution at the subject's last token of
-    ``kl_prompt``, plus ``weight_decay`` × |δ| / |v_init|²; Adam on δ, clamped to
-    ``clamp_norm_factor`` × |v_init|, stopping once the loss is under ``early_stop_loss``.
+    KL(edited ‖ original) of the next-token distribution at the lookup position of ``kl_prompt``
+    (for the default ``subject_last``: the subject's last token of "{} is a"), plus
+    ``weight_decay`` × |δ| / |v_init|²; Adam on δ, clamped to ``clamp_norm_factor`` × |v_init|,
+    stopping once the loss is under ``early_stop_loss``.
 
     Requests are optimised together in batches (each has its own δ and only its own rows depend
     on it, and Adam is element-wise, so this equals optimising them one by one).
@@ -230,8 +234,7 @@ def _optimise_chunk(handle: ModelHandle, requests: list[EditRequest], layer: int
         kl_rows.append(len(seqs))
         seqs.append(encode(tok, hp.kl_prompt.replace("{}", req.subject)))
         subject_pos.append(lookup_position(handle, hp.kl_prompt, req.subject, hp.fact_token))
-    if max(len(s) for s in seqs) > handle.max_length:
-        raise ValueError(f"An edit prompt in context is longer than the model's {handle.max_length} tokens.")
+    check_length(handle, seqs)
 
     batch = pad_batch(seqs, pad_id(tok), device)
     as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
@@ -360,7 +363,7 @@ class LayerUpdate:
 def spread_residuals(handle: ModelHandle, requests: Sequence[EditRequest], layers: Sequence[int],
                      targets: torch.Tensor, context_groups: Sequence[Sequence[str]], solve: LayerSolver,
                      method: str, progress: ProgressFn | None = None, keys_after: bool = False,
-                     fact_token: str = "subject_last") -> tuple[list[LayerUpdate], dict[int, torch.Tensor]]:
+                     fact_token: str = "subject_last") -> SpreadResult:
     """MEMIT's layer loop: write residual-stream targets ``z`` (``(n, d_model)`` at the last layer
     of ``layers``) into the MLP output projections of ``layers``, lowest first.
 
@@ -368,16 +371,16 @@ def spread_residuals(handle: ModelHandle, requests: Sequence[EditRequest], layer
     the remaining error ``z - z_current`` (bare prompts) is divided by ``L - i``, and
     ``ΔW = R · solve(i, K, R)ᵀ``. Each update is applied (as a temporary edit) before the next
     layer's keys are read, and every temporary edit is reverted before returning — exactly, by
-    the edit machinery. With ``keys_after``, the keys of every layer are also read with all
-    updates applied (AlphaEdit keeps them to protect this edit from later ones).
+    the edit machinery. With ``keys_after``, the keys of every layer (context-averaged and of the
+    bare prompts) are also read with all updates applied (AlphaEdit keeps them to protect this
+    edit from later ones).
     """
     progress = progress or _no_progress
     layers = sorted(layers)
     z_layer = layers[-1]
     prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
     applied: list[WeightDelta] = []
-    updates: list[LayerUpdate] = []
-    after: dict[int, torch.Tensor] = {}
+    result = SpreadResult()
     try:
         for i, layer in enumerate(layers):
             progress(i / len(layers), f"{method}: writing layer {layer}")
@@ -391,11 +394,21 @@ def spread_residuals(handle: ModelHandle, requests: Sequence[EditRequest], layer
                                deltas={name: delta})
             step.apply(handle)
             applied.append(step)
-            updates.append(LayerUpdate(layer, keys, z_current, resid.T.float(), adjusted.T.float(), delta))
+            result.updates.append(LayerUpdate(layer, keys, z_current, resid.T.float(), adjusted.T.float(), delta))
         if keys_after:
             for layer in layers:
-                after[layer] = context_keys(handle, layer, requests, context_groups, fact_token)
+                result.keys_after[layer] = context_keys(handle, layer, requests, context_groups, fact_token)
+                result.bare_keys_after[layer] = mlp_key_value(handle, layer, prompts, subjects, fact_token)[0]
     finally:
         for step in reversed(applied):
             step.revert(handle)
-    return updates, after
+    return result
+
+
+@dataclass
+class SpreadResult:
+    """What :func:`spread_residuals` wrote, and (optionally) the keys read afterwards."""
+
+    updates: list[LayerUpdate] = field(default_factory=list)
+    keys_after: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n, d_ff), context-averaged
+    bare_keys_after: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n, d_ff), bare prompts

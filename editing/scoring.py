@@ -83,7 +83,7 @@ def score_targets(handle: ModelHandle, prompts: Sequence[str], targets: Sequence
         prompt_ids = [encode(tok, p) for p, _ in chunk]
         tgt_ids = [target_ids(tok, p, t) for p, t in chunk]
         seqs = [p + t for p, t in zip(prompt_ids, tgt_ids, strict=True)]
-        _check_length(handle, seqs)
+        check_length(handle, seqs)
         batch = pad_batch(seqs, pad_id(tok), handle.device)
         logits = handle.model(**batch.model_inputs()).logits.float()
         for row, (p_ids, t_ids) in enumerate(zip(prompt_ids, tgt_ids, strict=True)):
@@ -110,7 +110,7 @@ def last_token_logprobs(handle: ModelHandle, prompts: Sequence[str],
     rows = []
     for chunk in _chunks(list(prompts), batch_size):
         seqs = [encode(tok, p) for p in chunk]
-        _check_length(handle, seqs)
+        check_length(handle, seqs)
         batch = pad_batch(seqs, pad_id(tok), handle.device)
         logits = handle.model(**batch.model_inputs()).logits.float()
         last = torch.tensor([n - 1 for n in batch.lengths], device=logits.device)
@@ -164,7 +164,8 @@ class PromptTooLong(ValueError):
     """A prompt (with its target) does not fit the model's context."""
 
 
-def _check_length(handle: ModelHandle, seqs: Sequence[Sequence[int]]) -> None:
+def check_length(handle: ModelHandle, seqs: Sequence[Sequence[int]]) -> None:
+    """Raise :class:`PromptTooLong` when a token sequence exceeds the model's context."""
     longest = max(len(s) for s in seqs)
     if longest > handle.max_length:
         raise PromptTooLong(

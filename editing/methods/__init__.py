@@ -1,22 +1,30 @@
 """Editing methods, registered under their paper names.
 
-Each module below registers its methods on import; add new method modules to this list.
+Importing this package registers every method (each module below registers its own on import).
 """
 
 from editing.methods.base import METHODS, EditMethod, HParams, ProgressFn, get_method, register
-
-__all__ = ["METHODS", "EditMethod", "HParams", "ProgressFn", "available_methods", "get_method", "register"]
 
 
 def available_methods() -> list[str]:
     """Names of every registered method, sorted."""
     return sorted(METHODS)
-import editing.methods.mend  # noqa: E402,F401
-import editing.methods.ke  # noqa: E402,F401
-import editing.methods.ft  # noqa: E402,F401
-import editing.methods.kn  # noqa: E402,F401
-import editing.methods.serac  # noqa: E402,F401
-import editing.methods.ike  # noqa: E402,F401
-import editing.methods.tpatcher  # noqa: E402,F401
-import editing.methods.calinet  # noqa: E402,F401
-import editing.methods.grace  # noqa: E402,F401
+
+
+# Method modules register themselves on import; they import base, so they come after it.
+from editing.methods import (  # noqa: E402, F401
+    alphaedit,
+    calinet,
+    ft,
+    grace,
+    ike,
+    ke,
+    kn,
+    memit,
+    mend,
+    rome,
+    serac,
+    tpatcher,
+)
+
+__all__ = ["METHODS", "EditMethod", "HParams", "ProgressFn", "available_methods", "get_method", "register"]

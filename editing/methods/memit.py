@@ -14,7 +14,8 @@ Many facts at once, spread over a range of MLP output projections ("the critical
    applied before the next layer's keys are read (:func:`editing.compute.spread_residuals`).
 
 The edit stores one low-rank ``ParamDelta`` per layer (``R`` and ``(λC + KKᵀ)⁻¹K``, like the
-reference's ``deltas``), or the dense matrix when that is smaller.
+reference's ``deltas``), or the dense matrix when that is smaller. Shallow models (the demo) are
+edited at the prompt's last token with λ scaled to ``d_ff`` (:func:`shallow_settings`).
 """
 
 from __future__ import annotations
@@ -124,7 +125,9 @@ class MemitUpdate:
     target_prob: list[float]
     layer_updates: list[LayerUpdate]  # per layer: keys, residual share, adjusted keys, ΔW
     param_names: dict[int, str]  # layer -> name of the MLP output projection's weight
-    keys_after: dict[int, torch.Tensor] = field(default_factory=dict)  # keys with the update applied (AlphaEdit)
+    # keys read with the update applied (for AlphaEdit): context-averaged, and of the bare prompts
+    keys_after: dict[int, torch.Tensor] = field(default_factory=dict)
+    bare_keys_after: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def deltas(self) -> dict[str, ParamDelta]:
@@ -167,12 +170,13 @@ def compute_memit_update(handle: ModelHandle, requests: list[EditRequest], hpara
     flat = [t for group in context_templates for t in group]
     values = optimise_values(handle, requests, layers[-1], "block", flat, hp.value_hparams(),
                              progress=lambda f, m: progress(0.2 + 0.6 * f, f"{method}: {m}"))
-    updates, after = spread_residuals(handle, requests, layers, values.target, context_templates, solver, method,
-                                      progress=lambda f, m: progress(0.8 + 0.2 * f, m), keys_after=keys_after,
-                                      fact_token=hp.fact_token)
+    spread = spread_residuals(handle, requests, layers, values.target, context_templates, solver, method,
+                              progress=lambda f, m: progress(0.8 + 0.2 * f, m), keys_after=keys_after,
+                              fact_token=hp.fact_token)
     return MemitUpdate(requests=list(requests), layers=layers, z=values.target, z_init=values.init,
-                       target_prob=values.target_prob, layer_updates=updates,
-                       param_names={layer: mlp_out_param(handle, layer) for layer in layers}, keys_after=after)
+                       target_prob=values.target_prob, layer_updates=spread.updates,
+                       param_names={layer: mlp_out_param(handle, layer) for layer in layers},
+                       keys_after=spread.keys_after, bare_keys_after=spread.bare_keys_after)
 
 
 @register

@@ -22,6 +22,11 @@ Subtleties of the reference kept here (see :func:`compute_rome_update`):
 
 Several requests are written one after another, each computed with the earlier ones applied (as
 the reference's ``apply_rome_to_model`` does); the edit stores the rank-r factors.
+
+Where to edit follows ROME's own rule — edit where causal tracing locates the recall: the
+subject's last token at ~0.35 of the depth for deep models (the paper's setting), but the
+prompt's last token at layer 0 for shallow models such as the 4-layer demo model, which recalls
+its facts there (:data:`SHALLOW_MAX_LAYERS`).
 """
 
 from __future__ import annotations

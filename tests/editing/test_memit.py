@@ -12,7 +12,7 @@ from editing.edit import WeightDelta
 from editing.methods import get_method
 from editing.methods.memit import MEMIT_PRESETS, MEMITHyperParams, compute_memit_update, memit_layers
 from editing.request import EditRequest
-from tests.editing.test_rome import counterfact_cases, efficacy_hits, neighbourhood_hits, share
+from tests.editing.test_rome import counterfact_cases, efficacy_hits, neighbourhood_score, share
 from tests.helpers import assert_params_equal, params_snapshot
 
 REQUESTS = [EditRequest("The capital of {} is", "France", "Berlin", "Paris"),
@@ -80,11 +80,11 @@ def test_layer_ranges_scale_with_depth_and_keep_reference_presets():
 def test_memit_batch_of_twenty_on_the_demo_model(demo):
     cases = counterfact_cases(20)
     requests = [request for request, _ in cases]
-    base_neighbourhood = share([h for request, neighbours in cases for h in neighbourhood_hits(demo, request, neighbours)])
+    base_neighbourhood = neighbourhood_score(demo, cases)
     edit = get_method("MEMIT").apply(demo, requests)
     try:
         efficacy = share(efficacy_hits(demo, requests))
-        neighbourhood = share([h for request, neighbours in cases for h in neighbourhood_hits(demo, request, neighbours)])
+        neighbourhood = neighbourhood_score(demo, cases)
     finally:
         edit.revert(demo)
     assert efficacy >= 0.95

@@ -12,7 +12,7 @@ from editing.compute import low_rank_delta, mlp_key_value
 from editing.edit import WeightDelta, load_edit
 from editing.factbase import load_factbase
 from editing.methods import get_method
-from editing.methods.rome import ROME_PRESETS, ROMEHyperParams, compute_rome_update
+from editing.methods.rome import ROME_PRESETS, ROMEHyperParams, compute_rome_update, compute_rome_updates, rome_edit
 from editing.request import EditRequest
 from editing.scoring import score_targets
 from editing.train import edit_records
@@ -66,6 +66,10 @@ def share(hits: list[bool]) -> float:
     return sum(hits) / len(hits)
 
 
+def neighbourhood_score(handle, cases: list[tuple[EditRequest, list]]) -> float:
+    return share([hit for request, neighbours in cases for hit in neighbourhood_hits(handle, request, neighbours)])
+
+
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     """Statistics and context templates of tiny random models go to a temporary cache."""
@@ -95,15 +99,17 @@ def test_rome_on_every_family_is_rank_one_finite_and_reverts_exactly(tiny_handle
 
 
 def test_update_writes_v_star_exactly_for_the_bare_prompt(tiny_handle, isolated_cache):
-    """(W + Λuᵀ) k_bare = v*: the denominator uses the bare prompt's key (the reference's choice)."""
-    hparams = quick_hparams(tiny_handle)
+    """(W + Λuᵀ) k_bare = v*: the denominator uses the bare prompt's key (the reference's choice).
+    Checked at the subject's last token, the paper's lookup position."""
+    hparams = quick_hparams(tiny_handle).replace(fact_token="subject_last", layer=1)
     update = compute_rome_update(tiny_handle, REQUEST, hparams)
     assert update.u.norm() == pytest.approx(1.0, abs=1e-5)
     edit = WeightDelta(method="check", requests=[REQUEST], hparams={}, deltas={
         update.param_name: low_rank_delta(tiny_handle, update.param_name, update.right[:, None], update.u[:, None])})
     edit.apply(tiny_handle)
     try:
-        key, value = mlp_key_value(tiny_handle, hparams.layer, [REQUEST.prompt], [REQUEST.subject])
+        key, value = mlp_key_value(tiny_handle, hparams.layer, [REQUEST.prompt], [REQUEST.subject],
+                                   hparams.fact_token)
     finally:
         edit.revert(tiny_handle)
     assert torch.allclose(key[0], update.k_bare, atol=1e-5)
@@ -114,25 +120,45 @@ def test_update_writes_v_star_exactly_for_the_bare_prompt(tiny_handle, isolated_
 def test_hparams_scale_with_depth_and_keep_reference_presets():
     from editing.tiny import tiny_model
 
-    assert ROMEHyperParams.for_model(tiny_model("gpt2", n_layers=4)).layer == 1
-    assert ROMEHyperParams.for_model(tiny_model("llama", n_layers=12)).layer == 4
+    shallow = ROMEHyperParams.for_model(tiny_model("gpt2", n_layers=4))
+    assert (shallow.layer, shallow.fact_token) == (0, "last")
+    deep = ROMEHyperParams.for_model(tiny_model("llama", n_layers=12, d_model=32))
+    assert (deep.layer, deep.fact_token) == (4, "subject_last")
     assert ROME_PRESETS[("gpt2", 48, 1600)]["layer"] == 17 and ROME_PRESETS[("gptj", 28, 4096)]["layer"] == 5
 
 
 # -- the demo model -------------------------------------------------------------------------------
 def test_rome_efficacy_and_neighbourhood_on_twenty_demo_edits(demo):
+    """20 single edits, each written into the unedited model on its own (CounterFact protocol)."""
     cases = counterfact_cases(20)
-    base_neighbourhood = share([h for request, neighbours in cases for h in neighbourhood_hits(demo, request, neighbours)])
-    assert share(efficacy_hits(demo, [request for request, _ in cases])) == 0.0  # all are counterfactual
-    rome = get_method("ROME")
+    requests = [request for request, _ in cases]
+    base_neighbourhood = neighbourhood_score(demo, cases)
+    assert share(efficacy_hits(demo, requests)) == 0.0  # all are counterfactual
+    hparams = ROMEHyperParams.for_model(demo)
+    updates = compute_rome_updates(demo, requests, hparams)  # independent, v* optimised in one batch
     efficacy, neighbourhood = [], []
-    for request, neighbours in cases:
-        edit = rome.apply(demo, [request])
-        efficacy += efficacy_hits(demo, [request])
-        neighbourhood += neighbourhood_hits(demo, request, neighbours)
-        edit.revert(demo)
+    for update, (request, neighbours) in zip(updates, cases, strict=True):
+        edit = rome_edit(demo, [update], hparams)
+        edit.apply(demo)
+        try:
+            efficacy += efficacy_hits(demo, [request])
+            neighbourhood += neighbourhood_hits(demo, request, neighbours)
+        finally:
+            edit.revert(demo)
     assert share(efficacy) >= 0.95, efficacy
     assert share(neighbourhood) >= base_neighbourhood - 0.10, (share(neighbourhood), base_neighbourhood)
+
+
+def test_method_apply_equals_the_batched_computation(demo):
+    """ROME.apply on one request gives the update compute_rome_updates finds for it in a batch."""
+    requests = [request for request, _ in counterfact_cases(3)]
+    hparams = ROMEHyperParams.for_model(demo).replace(v_num_grad_steps=8)
+    batched = compute_rome_updates(demo, requests, hparams)[1]
+    edit = get_method("ROME").apply(demo, [requests[1]], hparams)
+    edit.revert(demo)
+    (delta,) = edit.deltas.values()
+    expected = rome_edit(demo, [batched], hparams).deltas[batched.param_name].materialise()
+    assert torch.allclose(delta.materialise(), expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_rome_update_is_rank_one_and_round_trips_through_a_file(demo, tmp_path):

@@ -37,31 +37,36 @@ def test_subject_location_accepts_braces_or_verbatim_subject(demo_handle):
         causal_trace(demo_handle, text, "Eiffel Tower", kind="heads")
 
 
-def test_demo_facts_are_localised_at_the_subject(demo):
-    """Corrupting the subject destroys recall; restoring the last subject token's state in the
-    early-to-middle layers brings it back, while restoring a token before the subject cannot."""
-    prompts = [("The capital of {} is", "France"), ("{} is located in", "Eiffel Tower"),
-               ("The official language of {} is", "Italy")]
-    for prompt, subject in prompts:
+DEMO_FACTS = [("The capital of {} is", "France"), ("{} is located in", "Eiffel Tower"),
+              ("The official language of {} is", "Italy"), ("{} was founded by", "Microsoft")]
+
+
+def test_corrupting_the_subject_destroys_recall_on_the_demo_model(demo):
+    """Corrupting the subject destroys recall; restoring the last token's residual stream at any
+    layer brings it back; restoring a token before the subject cannot change anything."""
+    for prompt, subject in DEMO_FACTS[:3]:
         result = causal_trace(demo, prompt, subject, kind="block", n_samples=8)
-        start, end = result.subject_range
+        start, _end = result.subject_range
         assert result.base_score > 0.5, result.render()
         assert result.low_score < 0.5 * result.base_score, result.render()
-        last_subject = result.scores[end - 1]
-        assert float(last_subject[0]) > result.low_score + 0.5 * (result.base_score - result.low_score)
+        assert (result.scores[-1] > result.low_score + 0.8 * (result.base_score - result.low_score)).all()
         if start > 0:
             assert torch.allclose(result.scores[:start], torch.tensor(result.low_score), atol=1e-5)
 
 
-def test_mlp_effect_at_the_last_subject_token_on_the_demo_model(demo):
-    """ROME's observation on the demo model: with a one-layer window, restoring the MLP output at
-    the subject's last token helps most in the lower layers — where ROME's layer 1 edits."""
-    effects = torch.zeros(demo.n_layers)
-    for prompt, subject in [("The capital of {} is", "France"), ("{} is a city in", "Berlin"),
-                            ("The official language of {} is", "Italy"), ("{} was founded by", "Microsoft")]:
+def test_demo_model_recalls_facts_at_the_last_token_in_the_first_mlp(demo):
+    """Where the demo model keeps its facts — the reason ROME/MEMIT edit it at the last token in
+    the first layers (editing.methods.rome.SHALLOW_MAX_LAYERS): with a one-layer window, restoring
+    the first MLP's output at the last token recovers most of P(answer), while restoring any MLP
+    output at the subject's tokens recovers far less (unlike GPT-2 XL, where ROME finds the
+    subject's last token in the middle layers)."""
+    for prompt, subject in DEMO_FACTS:
         result = causal_trace(demo, prompt, subject, kind="mlp", window=1, n_samples=8)
-        effects += result.scores[result.subject_range[1] - 1] - result.low_score
-    assert int(effects.argmax()) in (0, 1), effects
+        start, end = result.subject_range
+        recovered = (result.scores - result.low_score) / (result.base_score - result.low_score)
+        assert int(recovered[-1].argmax()) == 0, result.render()
+        assert float(recovered[-1, 0]) > 0.8, result.render()
+        assert float(recovered[start:end].max()) < 0.5 * float(recovered[-1, 0]), result.render()
 
 
 def test_noise_default_is_three_embedding_stds(demo_handle):
