@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
+
+from editing.factbase import load_factbase
+from editing.scoring import score_targets
 
 
 def params_snapshot(handle) -> dict[str, torch.Tensor]:
@@ -14,3 +19,46 @@ def assert_params_equal(handle, snapshot: dict[str, torch.Tensor]) -> None:
     """Every parameter equals the snapshot bit for bit."""
     for name, param in handle.model.named_parameters():
         assert torch.equal(param, snapshot[name]), f"parameter {name} differs"
+
+
+# -- shared by the module-patch method tests (T-Patcher, CaliNET, GRACE) ------------------------
+def logits(handle, text: str = "The capital of France is") -> torch.Tensor:
+    ids = torch.tensor([handle.tokenizer(text)["input_ids"]], device=handle.device)
+    with torch.no_grad():
+        return handle.model(ids).logits
+
+
+def hit_rate(handle, pairs) -> float:
+    """Fraction of (prompt, answer) pairs whose answer tokens are all the argmax (teacher-forced)."""
+    scores = score_targets(handle, [p for p, _ in pairs], [a for _, a in pairs])
+    return sum(s.accuracy == 1.0 for s in scores) / len(scores)
+
+
+def neighbours(records, per_record: int = 4, seed: int = 7, exclude=()) -> list[tuple[str, str]]:
+    """CounterFact-style neighbourhood: the edit's own prompt about other subjects of its relation
+    (their true answers; first those sharing the edited subject's true answer, the hardest to keep
+    apart), plus the same facts asked with a held-out template."""
+    factbase, rng = load_factbase(), random.Random(seed)
+    edited = {r.request.subject for r in records} | set(exclude)
+    pairs = []
+    for record in records:
+        relation = next(rel for rel in factbase.relations.values()
+                        if record.request.prompt in rel.train_templates + rel.heldout_templates)
+        others = [f for f in factbase.facts_of(relation.id)
+                  if f.subject not in edited and f.object != record.request.target_new]
+        sharing = [f for f in others if f.object == record.request.target_true]
+        chosen = rng.sample(sharing, min(per_record, len(sharing)))
+        chosen += rng.sample([f for f in others if f not in chosen], per_record - len(chosen))
+        for fact in chosen:
+            pairs.append((record.request.prompt.replace("{}", fact.subject), fact.object))
+            pairs.append((rng.choice(relation.heldout_templates).replace("{}", fact.subject), fact.object))
+    return pairs
+
+
+def predictions(handle, pairs) -> list[list[int]]:
+    return [s.predicted.tolist() for s in score_targets(handle, [p for p, _ in pairs], [a for _, a in pairs])]
+
+
+def agreement(after: list[list[int]], before: list[list[int]]) -> float:
+    """Locality as the survey defines it: post-edit predictions equal to pre-edit ones."""
+    return sum(a == b for a, b in zip(after, before, strict=True)) / len(before)
