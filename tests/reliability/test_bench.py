@@ -32,6 +32,7 @@ def test_a_quick_run_measures_every_case_and_writes_csv_plot_and_markdown(tmp_pa
     measured = rows[method]
     assert measured.status == "ok" and measured.n_edits == config.n_edits_tiny
     assert 0 < measured.min_s <= measured.median_s <= measured.max_s and measured.cold_s > 0
+    assert measured.median_cpu_s > 0
     assert measured.peak_memory_bytes >= 0 and measured.memory_kind in ("rss", "cuda")
     assert measured.edit_size_bytes > 0
     for name in unready:  # an untrained editor is skipped with the reason, not an error
