@@ -58,6 +58,10 @@ class UnsafePath(UnsafeInput):
     """A path points outside the allowed folders, or an archive member has an unsafe name."""
 
 
+class DestinationExists(UnsafeInput):
+    """The folder an archive was to be unpacked into exists already (nothing was overwritten)."""
+
+
 # -- limits and folders ------------------------------------------------------------------------
 def _env_mib(name: str, default_mib: int) -> int:
     value = os.environ.get(name, "").strip()
@@ -203,7 +207,7 @@ def safe_extract_zip(archive: str | Path | bytes | BinaryIO, dest: str | Path,
     limit = max_total_bytes if max_total_bytes is not None else max_unpacked_bytes()
     dest = resolve_allowed(dest, roots)
     if dest.exists():
-        raise UnsafeInput(f"{dest} already exists; unpack into a new folder.")
+        raise DestinationExists(f"{dest} already exists; unpack into a new folder.")
     source: str | BinaryIO = io.BytesIO(archive) if isinstance(archive, bytes) else (
         str(archive) if isinstance(archive, str | Path) else archive)
     try:
@@ -245,7 +249,12 @@ def safe_extract_zip(archive: str | Path | bytes | BinaryIO, dest: str | Path,
                         if copied > info.file_size or written > limit:
                             raise UploadTooLarge(f"Archive member {info.filename!r} is larger than its header says.")
                         out.write(chunk)
-            staging.rename(dest)
+            try:
+                staging.rename(dest)
+            except OSError as err:
+                if dest.exists():  # another writer finished first; its folder is left as it is
+                    raise DestinationExists(f"{dest} already exists; unpack into a new folder.") from err
+                raise
         except zipfile.BadZipFile as err:
             shutil.rmtree(staging, ignore_errors=True)
             raise UnsafeInput(f"The archive is damaged ({err}).") from err
@@ -289,6 +298,7 @@ def unpack_edit_stack(data: bytes | BinaryIO, dest: str | Path | None = None,
     checked. A stack whose manifest lies one folder down (a zipped folder) is found there.
     """
     raw = _read_limited(data, max_bytes if max_bytes is not None else max_upload_bytes(), "edit-stack upload")
+    content_addressed = dest is None
     if dest is None:
         dest = upload_dir("stacks") / hashlib.sha256(raw).hexdigest()[:16]
         if dest.exists():
@@ -298,10 +308,12 @@ def unpack_edit_stack(data: bytes | BinaryIO, dest: str | Path | None = None,
                 shutil.rmtree(dest, ignore_errors=True)
     try:
         folder = safe_extract_zip(raw, dest)
-    except OSError:
-        if not Path(dest).is_dir():
+    except DestinationExists:
+        if not content_addressed:
             raise
-        folder = Path(dest)  # the same archive was unpacked by another session meanwhile
+        # Another session unpacked the very same bytes meanwhile (the folder is named by their
+        # hash and appears atomically), so its folder is this upload's folder.
+        folder = Path(dest)
     try:
         return check_edit_stack_folder(_stack_root(folder))
     except BaseException:

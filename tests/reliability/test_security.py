@@ -354,3 +354,22 @@ def test_the_same_stack_uploaded_by_several_sessions_at_once_unpacks_once(cache,
     assert not errors and len(set(folders)) == 1
     assert [p.name for p in safety.upload_dir("stacks").iterdir()] == [folders[0].name]  # no staging left
     EditSession(handle).load(folders[0])
+
+
+def test_a_stack_unpacked_by_another_session_between_check_and_extract_is_reused(cache, tmp_path, monkeypatch):
+    """The race the threaded test above can hit only sometimes, forced: the folder appears late."""
+    handle = tiny_model("gpt2")
+    session = EditSession(handle)
+    session.push(small_delta(handle, seed=4))
+    data = safety.pack_edit_stack(session.save(tmp_path / "saved").parent, tmp_path / "stack.zip").read_bytes()
+    extract = safety.safe_extract_zip
+
+    def other_session_wins(archive, dest, *args, **kwargs):
+        extract(archive, dest, *args, **kwargs)  # the other session's unpack lands first
+        return extract(archive, dest, *args, **kwargs)
+
+    monkeypatch.setattr(safety, "safe_extract_zip", other_session_wins)
+    folder = safety.unpack_edit_stack(data)
+    EditSession(handle).load(folder)
+    with pytest.raises(safety.DestinationExists):  # an explicit folder is never silently reused
+        safety.unpack_edit_stack(data, dest=folder)
