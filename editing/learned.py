@@ -40,6 +40,7 @@ from torch import nn
 from editing.edit import Edit, EditError, ParamDelta
 from editing.scoring import score_targets
 from editing.tokens import encode, pad_batch, pad_id, target_ids
+from editing.train import checkpoint_config, checkpoint_problem, trained_checkpoint, training_records
 
 if TYPE_CHECKING:
     from editing.methods.base import EditMethod, HParams, ProgressFn
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 STATE_TENSORS = "state.safetensors"
 STATE_META = "state.json"
 EDITOR_TENSORS = "editor.safetensors"
-EDITOR_META = "editor.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +260,9 @@ def gradient_factors(handle: ModelHandle, weight_names: Sequence[str],
             for h in hooks:
                 h.remove()
         losses = target_nll(logits, batch)
+        if not torch.isfinite(losses).all():  # NaN factors would be dropped as "no gradient": an empty edit
+            raise EditError(f"The edit loss is not finite ({losses.tolist()}): the model's outputs on the edit "
+                            f"prompts are NaN or infinite, so no update can be computed.")
         grads = torch.autograd.grad(losses.sum(), [outputs[n] for n in weight_names], allow_unused=True)
     factors = {}
     for name, grad in zip(weight_names, grads, strict=True):
@@ -502,6 +505,42 @@ def _accuracy(handle: ModelHandle, prompts: Sequence[str], target: str) -> float
     return sum(s.accuracy for s in scores) / max(1, len(scores))
 
 
+#: a gradient-based editor's training objective on one batch: (the batch's edit records, their
+#: tokenised batch, the gradient factors at the edited weights) -> (loss, figures to log)
+EditorObjective = Callable[[Sequence["EditRecord"], RecordBatch, dict[str, GradientFactors]],
+                           tuple[torch.Tensor, dict[str, float]]]
+
+
+def train_gradient_editor(handle: ModelHandle, method: EditMethod, editor: nn.Module,
+                          optimizer: torch.optim.Optimizer, objective: EditorObjective, config: dict[str, Any],
+                          folder: Path, progress: Callable[[float, str], None],
+                          lr_at: Callable[[int], float] | None = None) -> dict[str, Any]:
+    """The training run MEND and KE share: seeded batches of training edit records, the gradient
+    factors of the edit loss at the editor's weights (``editor.weight_names``), the method's
+    ``objective``, a finite-loss guard and gradient clipping, the resumable :func:`train_loop`;
+    then the editor's figures on held-out records (the report)."""
+    records = training_records(config, "train")
+    neighbours = neighbour_facts(records, config["n_neighbours"])
+
+    def step(index: int) -> dict[str, float]:
+        indices = batch_indices(len(records), config["batch_size"], config["seed"], index)
+        chosen = [records[i] for i in indices]
+        batch = record_batch(handle, chosen, config["n_paraphrases"], [neighbours[i] for i in indices])
+        factors, _ = gradient_factors(handle, editor.weight_names, batch.edit)
+        loss, figures = objective(chosen, batch, factors)
+        finite_or_raise(loss, f"{method.name}'s training loss").backward()
+        torch.nn.utils.clip_grad_norm_(editor.parameters(), config["grad_clip"])
+        return figures
+
+    result = train_loop(editor, optimizer, step, config["steps"], folder, progress, handle.lock,
+                        checkpoint_every=config["checkpoint_every"], log_every=config["log_every"], lr_at=lr_at)
+    result["n_train_records"] = len(records)
+    heldout = training_records(config, "heldout")[: config["n_eval"]]
+    result["heldout"] = evaluate_editor(handle, method, heldout, {"checkpoint": str(folder)},
+                                        lambda _fraction, message: progress(0.99, message))
+    return result
+
+
 def evaluate_editor(handle: ModelHandle, method: EditMethod, records: Sequence[EditRecord],
                     hparams: HParams | dict[str, Any] | None = None,
                     progress: Callable[[float, str], None] | None = None) -> dict[str, float]:
@@ -558,29 +597,6 @@ def finite_or_raise(tensor: torch.Tensor, what: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Trained editors on disk, and the readiness of methods that need one
 # ---------------------------------------------------------------------------------------------
-def save_editor_meta(folder: Path, handle: ModelHandle, method: str, config: dict[str, Any]) -> None:
-    """Record which model and method a checkpoint folder belongs to (checked before use)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"method": method, "model": handle.fingerprint(), "config": config}
-    tmp = folder / (EDITOR_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-    tmp.replace(folder / EDITOR_META)
-
-
-def checkpoint_problem(handle: ModelHandle, method: str, folder: Path) -> str | None:
-    """None when ``folder`` holds a finished ``method`` editor for ``handle``'s model."""
-    meta_path = folder / EDITOR_META
-    if not meta_path.exists() or not (folder / EDITOR_TENSORS).exists():
-        return f"{folder} holds no finished {method} editor (no {EDITOR_META} and {EDITOR_TENSORS})."
-    meta = json.loads(meta_path.read_text())
-    if meta.get("method") != method:
-        return f"{folder} holds a {meta.get('method')} editor, not a {method} one."
-    if meta.get("model") != handle.fingerprint():
-        return (f"The editor in {folder} was trained for {meta.get('model')}, "
-                f"not for the loaded model {handle.fingerprint()}.")
-    return None
-
-
 _EDITORS: dict[tuple[str, int], tuple[nn.Module, dict[str, Any]]] = {}
 
 
@@ -589,7 +605,7 @@ def load_trained_editor(folder: Path, build: Callable[[dict[str, Any]], nn.Modul
     per process and file version."""
     key = (str(folder.resolve()), (folder / EDITOR_TENSORS).stat().st_mtime_ns)
     if key not in _EDITORS:
-        config = json.loads((folder / EDITOR_META).read_text())["config"]
+        config = checkpoint_config(folder)
         _EDITORS[key] = (load_editor_weights(build(config), folder), config)
     return _EDITORS[key]
 
@@ -611,6 +627,11 @@ class TrainedEditorMixin:
     requires_training: ClassVar[bool] = True
     #: rough training time of the default config on the demo model (2 CPU cores), for messages
     train_minutes: ClassVar[int] = 10
+    #: what training produces, for messages
+    trained_parts: ClassVar[str] = "an editor"
+    #: files of a checkpoint folder that exist once its editor is usable (the held-out check at
+    #: the end of training already uses the editor, before the report is written)
+    finished_files: ClassVar[tuple[str, ...]] = (EDITOR_TENSORS,)
 
     def readiness(self, handle: ModelHandle) -> str | None:
         problem = super().readiness(handle)  # type: ignore[misc]
@@ -618,15 +639,14 @@ class TrainedEditorMixin:
             return problem
         chosen = _CHOSEN_CHECKPOINT.get()
         if chosen:
-            return checkpoint_problem(handle, self.name, Path(chosen))
-        from editing.train import trained_checkpoint
-
+            return checkpoint_problem(handle, self.name, Path(chosen), self.finished_files)
         if trained_checkpoint(handle, self.name) is None:
             command = f"python -m editing.train {self.name} --model {shlex.quote(handle.name)}"
             estimate = f" (about {self.train_minutes} minutes on the demo model on 2 CPU cores)" \
                 if handle.name == "demo" else ""
-            return (f"{self.name} needs an editor trained for this model, and none is cached yet. Train it from "
-                    f"the app, or run:  {command}{estimate}. The checkpoint is cached and reused afterwards.")
+            return (f"{self.name} needs {self.trained_parts} trained for this model, and none is cached yet. "
+                    f"Train it from the app, or run:  {command}{estimate}. The checkpoint is cached and reused "
+                    f"afterwards.")
         return None
 
     def apply(self, handle: ModelHandle, requests: Sequence[Any], hparams: Any = None,
@@ -643,10 +663,8 @@ class TrainedEditorMixin:
         chosen = str(getattr(hparams, "checkpoint", "") or "")
         if chosen:
             folder = Path(chosen)
-            problem = checkpoint_problem(handle, self.name, folder)
+            problem = checkpoint_problem(handle, self.name, folder, self.finished_files)
         else:
-            from editing.train import trained_checkpoint
-
             found = trained_checkpoint(handle, self.name)
             folder = found if found is not None else Path()
             problem = None if found is not None else self.readiness(handle)

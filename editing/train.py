@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -174,6 +174,48 @@ def checkpoint_dir(handle: ModelHandle, method: str, config: dict[str, Any]) -> 
     return base / key
 
 
+#: written by :func:`train_editor` into every checkpoint folder: method, model fingerprint, config
+EDITOR_META = "editor.json"
+#: written last, when training has finished: the folder is then a usable editor
+REPORT_FILE = "report.json"
+
+
+def save_editor_meta(folder: Path, handle: ModelHandle, method: str, config: dict[str, Any]) -> None:
+    """Record which model, method and config a checkpoint folder belongs to (checked before use)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"method": method, "model": handle.fingerprint(), "config": config}
+    tmp = folder / (EDITOR_META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+    tmp.replace(folder / EDITOR_META)
+
+
+def checkpoint_config(folder: Path) -> dict[str, Any]:
+    """The training config a checkpoint folder was trained with."""
+    meta = folder / EDITOR_META
+    if meta.exists():
+        return json.loads(meta.read_text())["config"]
+    return json.loads((folder / "config.json").read_text())  # folders trained before editor.json existed
+
+
+def checkpoint_problem(handle: ModelHandle, method: str, folder: Path,
+                       finished: Sequence[str] = (REPORT_FILE,)) -> str | None:
+    """None when ``folder`` holds a finished ``method`` editor for ``handle``'s model; else why not.
+
+    ``finished``: the files that exist once the editor is usable (the report, written last, by
+    default; a trainer that evaluates its editor before returning names what it saved).
+    """
+    meta_path = folder / EDITOR_META
+    if not meta_path.exists() or not all((folder / name).exists() for name in finished):
+        return f"{folder} holds no finished {method} editor (no {' and '.join([EDITOR_META, *finished])})."
+    meta = json.loads(meta_path.read_text())
+    if meta.get("method") != method:
+        return f"{folder} holds a {meta.get('method')} editor, not a {method} one."
+    if meta.get("model") != handle.fingerprint():
+        return (f"The editor in {folder} was trained for {meta.get('model')}, "
+                f"not for the loaded model {handle.fingerprint()}.")
+    return None
+
+
 def trained_checkpoint(handle: ModelHandle, method: str, config: dict[str, Any] | None = None) -> Path | None:
     """The finished checkpoint folder (with ``report.json``) or None when not trained yet."""
     trainer = TRAINERS.get(method)
@@ -181,7 +223,7 @@ def trained_checkpoint(handle: ModelHandle, method: str, config: dict[str, Any] 
         return None
     config = config or trainer.default_config(handle)
     folder = checkpoint_dir(handle, method, config)
-    return folder if (folder / "report.json").exists() else None
+    return folder if (folder / REPORT_FILE).exists() else None
 
 
 TRAIN_THREADS = 1
@@ -230,20 +272,20 @@ def train_editor(handle: ModelHandle, method: str, overrides: dict[str, Any] | N
         raise KeyError(f"Unknown {method} training settings {sorted(unknown)}; known: {sorted(defaults)}.")
     config = {**defaults, **(overrides or {})}
     folder = checkpoint_dir(handle, method, config)
-    if (folder / "report.json").exists():
-        return folder, json.loads((folder / "report.json").read_text())
+    if (folder / REPORT_FILE).exists():
+        return folder, json.loads((folder / REPORT_FILE).read_text())
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder.with_suffix(".lock"), "w") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
-            if (folder / "report.json").exists():  # trained by another process while we waited
-                return folder, json.loads((folder / "report.json").read_text())
-            (folder / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
+            if (folder / REPORT_FILE).exists():  # trained by another process while we waited
+                return folder, json.loads((folder / REPORT_FILE).read_text())
+            save_editor_meta(folder, handle, method, config)
             with deterministic_training(int(config.get("seed", 0))):
                 report = trainer.train(handle, config, folder, progress or (lambda _f, _m: None))
-            tmp = folder / "report.json.tmp"
+            tmp = folder / (REPORT_FILE + ".tmp")
             tmp.write_text(json.dumps(report, indent=1, default=str))
-            tmp.replace(folder / "report.json")
+            tmp.replace(folder / REPORT_FILE)
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
     return folder, report

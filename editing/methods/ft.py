@@ -31,6 +31,7 @@ the stored delta lies in ``[-ε, ε]`` bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -38,7 +39,7 @@ from typing import ClassVar
 import torch
 from torch.func import functional_call
 
-from editing.edit import Edit, ParamDelta, WeightDelta
+from editing.edit import Edit, EditError, ParamDelta, WeightDelta
 from editing.learned import TargetBatch, target_batch, target_nll
 from editing.methods.base import EditMethod, HParams, ProgressFn, register, scaled_layer
 from editing.models import ModelHandle
@@ -278,6 +279,9 @@ class _FineTuneBase(EditMethod):
                 for chunk in chunks:
                     loss = loss_of(chunk)
                     value = loss.detach().item()
+                    if not math.isfinite(value):  # NaN >= stop_loss is False: it would end as a zero edit
+                        raise EditError(f"{self.name}'s loss became {value} at step {step + 1}; nothing was "
+                                        f"applied. Try a lower lr (now {hparams.lr}).")
                     total += value * len(chunk)
                     # As in ROME/EasyEdit: a batch already fitted takes no step.
                     if value >= hparams.stop_loss:

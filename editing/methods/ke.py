@@ -23,6 +23,7 @@ solved with a Lagrange multiplier updated by gradient ascent (RMSprop, warm-up t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,29 +36,24 @@ from editing.edit import Edit, WeightDelta
 from editing.learned import (
     GradientFactors,
     LowRankShift,
+    RecordBatch,
     TrainedEditorMixin,
-    batch_indices,
     default_edit_layers,
     edit_and_locality_losses,
-    evaluate_editor,
-    finite_or_raise,
     gradient_factors,
     load_trained_editor,
     lr_warmup_linear,
     mlp_weight_names,
-    neighbour_facts,
     out_in_shape,
-    record_batch,
-    save_editor_meta,
     target_batch,
     to_param_delta,
-    train_loop,
+    train_gradient_editor,
 )
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.request import EditRequest
 from editing.scoring import generate
 from editing.tokens import pad_id
-from editing.train import EditRecord, Trainer, register_trainer, training_records
+from editing.train import EditRecord, Trainer, register_trainer
 
 if TYPE_CHECKING:
     from editing.models import ModelHandle
@@ -209,37 +205,23 @@ def _record_conditions(handle: ModelHandle, records: list[EditRecord]) -> list[l
 
 def train(handle: ModelHandle, config: dict[str, Any], folder: Path, progress: ProgressFn) -> dict[str, Any]:
     """Train KE's hypernetwork on the training edit records; evaluate it on held-out ones."""
-    records = training_records(config, "train")
-    neighbours = neighbour_facts(records, config["n_neighbours"])
     editor = build_editor(handle, config)
-    names = editor.weight_names
     optimizer = torch.optim.RMSprop(editor.parameters(), lr=config["lr"], centered=True)
 
-    def step(index: int) -> dict[str, float]:
-        indices = batch_indices(len(records), config["batch_size"], config["seed"], index)
-        chosen = [records[i] for i in indices]
-        batch = record_batch(handle, chosen, config["n_paraphrases"], [neighbours[i] for i in indices])
-        factors, _ = gradient_factors(handle, names, batch.edit)
-        condition = editor.condition(*embed_conditions(handle, _record_conditions(handle, chosen)))
+    def objective(records: Sequence[EditRecord], batch: RecordBatch,
+                  factors: dict[str, GradientFactors]) -> tuple[torch.Tensor, dict[str, float]]:
+        condition = editor.condition(*embed_conditions(handle, _record_conditions(handle, records)))
         nll, kl, accuracy = edit_and_locality_losses(handle, batch, editor.shifts(condition, factors))
-        multiplier = editor.multiplier
-        loss = finite_or_raise(nll + multiplier * (kl - config["kl_margin"]), "KE's training loss")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(editor.parameters(), config["grad_clip"])
+        multiplier = float(editor.multiplier)  # a constant of this step's loss
+        loss = nll + multiplier * (kl - config["kl_margin"])
         # Dual ascent on the multiplier (KE: gradient ascent on α, clipped at 0).
-        multiplier.add_(config["lr_multiplier"] * (kl.item() - config["kl_margin"])).clamp_(min=0.0)
-        return {"edit_nll": nll.item(), "loc_kl": kl.item(), "edit_acc": accuracy.item(),
-                "multiplier": float(multiplier)}
+        editor.multiplier.add_(config["lr_multiplier"] * (kl.item() - config["kl_margin"])).clamp_(min=0.0)
+        return loss, {"edit_nll": nll.item(), "loc_kl": kl.item(), "edit_acc": accuracy.item(),
+                      "multiplier": multiplier}
 
-    save_editor_meta(folder, handle, NAME, config)
-    result = train_loop(editor, optimizer, step, config["steps"], folder, progress, handle.lock,
-                        checkpoint_every=config["checkpoint_every"], log_every=config["log_every"],
-                        lr_at=lr_warmup_linear(min(config["warmup"], config["steps"] // 10 + 1), config["steps"]))
-    result["n_train_records"] = len(records)
-    heldout = training_records(config, "heldout")[: config["n_eval"]]
-    result["heldout"] = evaluate_editor(handle, KE(), heldout, {"checkpoint": str(folder)},
-                                        lambda f, m: progress(0.99, m))
-    return result
+    warmup = min(config["warmup"], config["steps"] // 10 + 1)
+    return train_gradient_editor(handle, KE(), editor, optimizer, objective, config, folder, progress,
+                                 lr_at=lr_warmup_linear(warmup, config["steps"]))
 
 
 register_trainer(Trainer(NAME, default_config, train))

@@ -21,6 +21,7 @@ note on sequence models), summed over the requests of a batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,27 +33,22 @@ from editing.edit import Edit, WeightDelta
 from editing.learned import (
     GradientFactors,
     LowRankShift,
+    RecordBatch,
     TrainedEditorMixin,
-    batch_indices,
     default_edit_layers,
     edit_and_locality_losses,
-    evaluate_editor,
-    finite_or_raise,
     gradient_factors,
     load_trained_editor,
     mlp_weight_names,
-    neighbour_facts,
     out_in_shape,
-    record_batch,
-    save_editor_meta,
     seeded_generator,
     target_batch,
     to_param_delta,
-    train_loop,
+    train_gradient_editor,
 )
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.request import EditRequest
-from editing.train import Trainer, register_trainer, training_records
+from editing.train import EditRecord, Trainer, register_trainer
 
 if TYPE_CHECKING:
     from editing.models import ModelHandle
@@ -217,34 +213,19 @@ def default_config(handle: ModelHandle) -> dict[str, Any]:
 
 def train(handle: ModelHandle, config: dict[str, Any], folder: Path, progress: ProgressFn) -> dict[str, Any]:
     """Train MEND's editor on the training edit records; evaluate it on held-out ones."""
-    records = training_records(config, "train")
-    neighbours = neighbour_facts(records, config["n_neighbours"])
     editor = build_editor(handle, config)
-    names = editor.weight_names
     transform_params = [p for n, p in editor.named_parameters() if n != "edit_lrs"]
     optimizer = torch.optim.Adam([{"params": transform_params, "lr": config["lr"]},
                                   {"params": [editor.edit_lrs], "lr": config["lr_lr"]}])
 
-    def step(index: int) -> dict[str, float]:
-        indices = batch_indices(len(records), config["batch_size"], config["seed"], index)
-        chosen = [records[i] for i in indices]
-        batch = record_batch(handle, chosen, config["n_paraphrases"], [neighbours[i] for i in indices])
-        factors, _ = gradient_factors(handle, names, batch.edit)
-        shifts = editor.shifts(factors)
-        nll, kl, accuracy = edit_and_locality_losses(handle, batch, shifts)
-        loss = finite_or_raise(config["c_edit"] * nll + config["c_loc"] * kl, "MEND's training loss")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(editor.parameters(), config["grad_clip"])
-        return {"edit_nll": nll.item(), "loc_kl": kl.item(), "edit_acc": accuracy.item()}
+    def objective(_records: Sequence[EditRecord], batch: RecordBatch,
+                  factors: dict[str, GradientFactors]) -> tuple[torch.Tensor, dict[str, float]]:
+        nll, kl, accuracy = edit_and_locality_losses(handle, batch, editor.shifts(factors))
+        loss = config["c_edit"] * nll + config["c_loc"] * kl
+        return loss, {"edit_nll": nll.item(), "loc_kl": kl.item(), "edit_acc": accuracy.item()}
 
-    save_editor_meta(folder, handle, NAME, config)
-    result = train_loop(editor, optimizer, step, config["steps"], folder, progress, handle.lock,
-                        checkpoint_every=config["checkpoint_every"], log_every=config["log_every"])
+    result = train_gradient_editor(handle, MEND(), editor, optimizer, objective, config, folder, progress)
     result["edit_lrs"] = [round(float(v), 6) for v in editor.edit_lrs.detach()]
-    result["n_train_records"] = len(records)
-    heldout = training_records(config, "heldout")[: config["n_eval"]]
-    result["heldout"] = evaluate_editor(handle, MEND(), heldout, {"checkpoint": str(folder)},
-                                        lambda f, m: progress(0.99, m))
     return result
 
 

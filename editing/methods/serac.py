@@ -47,11 +47,12 @@ from torch import nn
 from editing.edit import EditError, InferenceWrapper, Route, handle_stack, register_edit_type
 from editing.embeddings import SentenceEncoder, resolve_encoder_kind, sentence_encoder
 from editing.factbase import FactBase, load_factbase
+from editing.learned import TrainedEditorMixin
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.request import EditRequest
 from editing.scoring import score_targets
 from editing.tokens import encode, pad_batch, pad_id, target_ids
-from editing.train import EditRecord, Trainer, edit_records, register_trainer, trained_checkpoint
+from editing.train import REPORT_FILE, EditRecord, Trainer, checkpoint_config, edit_records, register_trainer
 
 if TYPE_CHECKING:
     from editing.models import ModelHandle
@@ -564,35 +565,26 @@ class SeracEdit(InferenceWrapper):
 class SeracHParams(HParams):
     """SERAC's inference settings (the learned parts come from the training config)."""
 
+    checkpoint: str = ""  # folder of a trained editor; empty: the one trained with the default config
     threshold: float = 0.5  # the paper's decision threshold on the classifier's probability
 
 
 @register
-class SERAC(EditMethod):
+class SERAC(TrainedEditorMixin, EditMethod):
     name = METHOD
     hparams_class = SeracHParams
     edit_kind = "inference_wrapper"
     summary = ("Edit memory + trained scope classifier; in-scope queries go to a counterfactual model "
                "conditioned on the retrieved edit, others to the unchanged base model.")
-    requires_training = True
-
-    def readiness(self, handle: ModelHandle) -> str | None:
-        problem = super().readiness(handle)
-        if problem is not None:
-            return problem
-        if trained_checkpoint(handle, METHOD) is None:
-            return (f"SERAC needs its scope classifier and counterfactual model trained for this model: "
-                    f"run `python -m editing.train SERAC --model {handle.name}` (a few minutes on the demo "
-                    f"model) or train it from the app.")
-        return None
+    train_minutes = 4
+    trained_parts = "its scope classifier and counterfactual model"
+    finished_files = (REPORT_FILE,)
 
     def _execute(self, handle: ModelHandle, requests: list[EditRequest], hparams: HParams,
                  progress: ProgressFn) -> SeracEdit:
         assert isinstance(hparams, SeracHParams)
-        config = default_config(handle)
-        folder = trained_checkpoint(handle, METHOD, config)
-        if folder is None:
-            raise EditError(self.readiness(handle) or "SERAC's editor is not trained.")
+        folder = self.checkpoint_folder(handle, hparams)
+        config = checkpoint_config(folder)
         progress(0.2, "SERAC: loading the scope classifier and counterfactual model")
         editor = serac_editor(handle, folder, config["encoder"])
         progress(0.7, f"SERAC: writing {len(requests)} edit(s) into the memory")

@@ -27,7 +27,7 @@ from editing.request import EditRequest
 from editing.scoring import score_routes, score_targets, top_predictions
 from editing.session import EditSession
 from editing.tiny import tiny_model
-from editing.train import TRAINERS, edit_records, train_editor, trained_checkpoint
+from editing.train import edit_records, train_editor, trained_checkpoint
 from tests.helpers import assert_params_equal, params_snapshot
 
 SMALL = {"n_records": 24, "classifier_steps": 8, "classifier_batch": 12, "cf_steps": 6, "cf_batch": 8,
@@ -108,12 +108,11 @@ def test_serac_trains_edits_routes_and_reverts_on_every_family(tiny_handle, tmp_
     monkeypatch.setenv("EDITSCOPE_CACHE", str(tmp_path))
     before = params_snapshot(tiny_handle)
     tiny = {**SMALL, "n_records": 8, "classifier_steps": 2, "cf_steps": 2, "n_eval": 2}
-    train_editor(tiny_handle, "SERAC", tiny)
-    small_defaults = lambda h: {**default_config(h), **tiny}  # noqa: E731
-    monkeypatch.setattr("editing.methods.serac.default_config", small_defaults)
-    monkeypatch.setattr(TRAINERS["SERAC"], "default_config", small_defaults)
+    folder, _report = train_editor(tiny_handle, "SERAC", tiny)
     request = EditRequest("The capital of {} is", "France", "Berlin", "Paris")
-    edit = get_method("SERAC").apply(tiny_handle, [request])
+    assert get_method("SERAC").readiness(tiny_handle) is not None  # the default config is not trained
+    edit = get_method("SERAC").apply(tiny_handle, [request], {"checkpoint": str(folder)})
+    assert edit.checkpoint == str(folder)
     assert isinstance(edit, SeracEdit) and edit.is_applied
     edit.revert(tiny_handle)
     assert_params_equal(tiny_handle, before)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from editing.edit import WeightDelta
+from editing.edit import EditError, WeightDelta, handle_stack
 from editing.learned import (
     EDITOR_TENSORS,
     LowRankShift,
@@ -28,10 +28,12 @@ from editing.methods import get_method
 from editing.train import (
     EDITORS_ENV,
     TRAINERS,
+    checkpoint_config,
     checkpoint_dir,
     edit_records,
     load_record_file,
     main,
+    save_editor_meta,
     train_editor,
     trained_checkpoint,
 )
@@ -221,7 +223,7 @@ def test_command_line_trains_and_prints_the_report(demo, fresh_cache, capsys):
     out = capsys.readouterr().out
     assert "checkpoint: " in out
     folder = out.split("checkpoint: ", 1)[1].splitlines()[0].strip()
-    config = json.loads((fresh_cache / "mend" / folder.rsplit("/", 1)[1] / "config.json").read_text())
+    config = checkpoint_config(fresh_cache / "mend" / folder.rsplit("/", 1)[1])
     assert config["steps"] == 2 and config["seed"] == 5
     assert '"heldout"' in out
 
@@ -235,7 +237,7 @@ def test_training_on_a_record_file(demo, fresh_cache, tmp_path):
     folder, report = train_editor(demo, "MEND", config)
     assert report["n_train_records"] == len(load_record_file(path, "train")) < 40
     assert report["heldout"]["n_edits"] == min(SMALL["n_eval"], len(load_record_file(path, "heldout")))
-    assert json.loads((folder / "config.json").read_text())["data"] == str(path)
+    assert checkpoint_config(folder)["data"] == str(path)
     path.write_text("\n".join(lines[:30]) + "\n")  # other contents: another editor
     assert checkpoint_dir(demo, "MEND", {**TRAINERS["MEND"].default_config(demo), **config}) != folder
 
@@ -257,3 +259,27 @@ def test_neighbour_facts_share_the_template_and_become_locality_rows(demo):
     n_local = sum(len(r.locality) + len(n) for r, n in zip(records[:3], neighbours[:3], strict=True))
     assert batch.n_outer == n_outer and len(batch.probes) == n_outer + n_local
     assert batch.local_pre_logits.shape[0] == n_local
+
+
+def test_a_chosen_checkpoint_must_be_a_finished_editor_of_that_method_for_this_model(fresh_cache):
+    from editing.request import EditRequest
+    from editing.tiny import tiny_model
+
+    gpt2, llama = tiny_model("gpt2"), tiny_model("llama")
+    request = EditRequest("The capital of {} is", "France", "Berlin", "Paris")
+    mend_folder, _ = train_editor(gpt2, "MEND", {"steps": 2, "batch_size": 2, "n_eval": 0})
+    cases = {
+        "SERAC": (gpt2, mend_folder, "holds a MEND editor, not a SERAC one"),
+        "KE": (gpt2, mend_folder, "holds a MEND editor, not a KE one"),
+        "MEND": (llama, mend_folder, "was trained for"),
+    }
+    for method, (handle, folder, message) in cases.items():
+        with pytest.raises(EditError, match=message):
+            get_method(method).apply(handle, [request], {"checkpoint": str(folder)})
+        assert not handle_stack(handle)
+    unfinished = fresh_cache / "unfinished"
+    save_editor_meta(unfinished, gpt2, "MEND", TRAINERS["MEND"].default_config(gpt2))  # training never ended
+    with pytest.raises(EditError, match="no finished MEND editor"):
+        get_method("MEND").apply(gpt2, [request], {"checkpoint": str(unfinished)})
+    edit = get_method("MEND").apply(gpt2, [request], {"checkpoint": str(mend_folder)})  # the right one works
+    edit.revert(gpt2)

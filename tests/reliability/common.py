@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import torch
 
@@ -20,6 +21,26 @@ def few_steps(handle, method: str, steps: int = 3) -> dict[str, int]:
     return {f.name: steps for f in dataclasses.fields(params)
             if re.search(r"(^|_)(steps|epochs|iters?|iterations)$", f.name)
             and isinstance(getattr(params, f.name), int) and getattr(params, f.name) > steps}
+
+
+def run_hparams(handle, method: str, editors: dict[str, str], steps: int | None = 3) -> dict[str, object]:
+    """Hyper-parameters for running ``method`` on ``handle`` in a reliability test: loops capped at
+    ``steps`` (None: the method's own), and a learned method's editor taken from ``editors``
+    (method -> checkpoint folder). Skips the test when the method cannot run on the model."""
+    import pytest
+
+    from editing.train import checkpoint_problem
+
+    hparams: dict[str, object] = few_steps(handle, method, steps) if steps is not None else {}
+    checkpoint = editors.get(method)
+    if checkpoint is not None:
+        hparams["checkpoint"] = checkpoint
+        problem = checkpoint_problem(handle, method, Path(checkpoint))
+    else:
+        problem = get_method(method).readiness(handle)
+    if problem is not None:
+        pytest.skip(f"{method} is not ready on {handle.name}: {problem}")
+    return hparams
 
 
 def first_ready(handle, candidates: tuple[str, ...], kind: str | None = None) -> str | None:

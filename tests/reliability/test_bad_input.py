@@ -26,7 +26,7 @@ from editing.session import EditSession
 from editing.tiny import tiny_model
 from editing.tokens import encode
 from tests.helpers import assert_params_equal, params_snapshot
-from tests.reliability.common import few_steps, last_logprobs
+from tests.reliability.common import few_steps, last_logprobs, run_hparams
 
 try:  # AppTest needs the dashboard tests' navigation fix (an autouse fixture) in this module too
     from tests.app.conftest import _navigation_not_pages_folder  # noqa: F401
@@ -118,17 +118,15 @@ def _inputs(handle) -> dict[str, tuple[EditRequest, bool]]:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_methods_refuse_inputs_beyond_the_context_clearly_and_leave_the_model(method):
+def test_methods_refuse_inputs_beyond_the_context_clearly_and_leave_the_model(method, tiny_editors):
     handle = tiny_model("gpt2")  # 128 positions
-    problem = get_method(method).readiness(handle)
-    if problem is not None:
-        pytest.skip(problem)
+    hparams = run_hparams(handle, method, tiny_editors)
     before = params_snapshot(handle)
     failures = []
     for name, (request, refused_early) in _inputs(handle).items():
         session = EditSession(handle)
         try:
-            session.apply(method, request, few_steps(handle, method))
+            session.apply(method, request, hparams)
         except (ValueError, EditError) as err:  # InvalidEditRequest, PromptTooLong, EditError
             assert str(err) and session.edits == (), name
         except Exception as err:  # anything else is a crash the user cannot act on

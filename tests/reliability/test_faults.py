@@ -22,7 +22,7 @@ from editing.request import EditRequest
 from editing.session import EditSession
 from editing.tiny import tiny_model
 from tests.helpers import assert_params_equal, params_snapshot
-from tests.reliability.common import few_steps
+from tests.reliability.common import few_steps, run_hparams
 
 ROOT = Path(__file__).resolve().parents[2]
 REQ = EditRequest("The capital of {} is", "France", "Berlin", "Paris")
@@ -145,18 +145,12 @@ def test_an_interrupted_edit_leaves_the_model_and_session_as_they_were(where):
 
 
 # -- every registered method -------------------------------------------------------------------
-def _ready_or_skip(handle, method: str) -> None:
-    problem = get_method(method).readiness(handle)
-    if problem is not None:
-        pytest.skip(f"{method} is not ready on {handle.name}: {problem}")
-
-
 @pytest.mark.parametrize("method", METHODS)
-def test_methods_stopped_mid_edit_leave_the_model_untouched(method):
+def test_methods_stopped_mid_edit_leave_the_model_untouched(method, tiny_editors):
     """Stopped at its first progress report and at its second (or, for a method that reports only
     once, at the final "done"), a method leaves the model and the session as they were."""
     handle = tiny_model("gpt2")
-    _ready_or_skip(handle, method)
+    hparams = run_hparams(handle, method, tiny_editors, steps=None)
     before = params_snapshot(handle)
     session = EditSession(handle)
     prior = random_delta(handle, seed=3)
@@ -167,29 +161,35 @@ def test_methods_stopped_mid_edit_leave_the_model_untouched(method):
         interrupt = _Interrupt(at)
         interrupt.at_end = True  # a method with fewer reports is stopped at the final one
         with pytest.raises(KeyboardInterrupt):
-            session.apply(method, REQ, progress=interrupt)
+            session.apply(method, REQ, hparams, progress=interrupt)
         assert_params_equal(handle, before)
         assert not handle_stack(handle) and session.edits == (prior,), f"stopped at report {at}"
     with session.active():
         assert torch.equal(logits(handle), expected)
 
 
+EDITS_WITHOUT_BASE_ACTIVATIONS = {"IKE", "SERAC"}
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_methods_fed_nan_activations_never_apply_a_nonfinite_edit(method):
+def test_methods_fed_nan_activations_never_apply_a_nonfinite_edit(method, tiny_editors):
     """NaN injected into the residual stream while a method computes its edit: it fails with an
-    error (model untouched) or returns an edit whose every tensor is finite."""
+    error that says why, and the model is untouched. Only methods whose edit is computed without
+    the base model's activations (IKE's sentence encoder, SERAC's own memory) may still return an
+    edit, and then every tensor of it is finite."""
     handle = tiny_model("gpt2")
-    _ready_or_skip(handle, method)
+    hparams = run_hparams(handle, method, tiny_editors)
     before = params_snapshot(handle)
     session = EditSession(handle)
     embed = handle.module(handle.arch.embed)
     hook = embed.register_forward_hook(lambda _module, _args, output: output * float("nan"))
     try:
-        edit = session.apply(method, REQ, hparams=few_steps(handle, method))
+        edit = session.apply(method, REQ, hparams=hparams)
     except Exception as err:  # reported: any error with a message
         assert str(err), f"{method} failed without saying why ({type(err).__name__})"
         assert session.edits == ()
     else:
+        assert method in EDITS_WITHOUT_BASE_ACTIVATIONS, f"{method} returned an edit computed from NaN activations"
         for key, tensor in edit.tensors().items():
             assert torch.isfinite(tensor).all(), f"{method} returned a non-finite {key}"
     finally:
