@@ -70,6 +70,19 @@ class EditSession:
         self._stack.append(edit)
         self._redo.clear()
 
+    @contextmanager
+    def tentatively(self) -> Iterator[EditSession]:
+        """Keep what the block pushes only if it ends without error; otherwise the stack and the
+        redo list are put back exactly as they were (e.g. an edit whose evaluation failed)."""
+        if self._depth:
+            raise EditError("tentatively() cannot be used while the session's edits are active.")
+        stack, redo = list(self._stack), list(self._redo)
+        try:
+            yield self
+        except BaseException:
+            self._stack, self._redo = stack, redo
+            raise
+
     # -- running against the edited model ------------------------------------------------------
     @contextmanager
     def active(self) -> Iterator[EditSession]:

@@ -159,8 +159,8 @@ def evaluate_edit(session: EditSession, method: str, requests: EditRequest | Seq
     before = predict(session, probeset.probes, k)
     gen_before = _generate(session, generation_prompts, max_new_tokens)
     eval_time = time.perf_counter() - started
-    edit = session.apply(method, requests, hparams, progress=_scaled(progress, 0.05, 0.9))
-    try:
+    with session.tentatively():  # nothing stays pushed when judging the edit fails
+        edit = session.apply(method, requests, hparams, progress=_scaled(progress, 0.05, 0.9))
         started = time.perf_counter()
         report(0.9, "predicting after the edit")
         after = predict(session, probeset.probes, k)
@@ -175,9 +175,6 @@ def evaluate_edit(session: EditSession, method: str, requests: EditRequest | Seq
                            consistency=tfidf_similarity(gen_after, references),
                            consistency_before=tfidf_similarity(gen_before, references))
         eval_time += time.perf_counter() - started
-    except BaseException:
-        session.undo()  # nothing stays pushed when judging the edit failed
-        raise
     report(1.0, "done")
     return EditOutcome(edit=edit, table=table, metrics=metrics, wall_time_s=edit.stats.wall_time_s,
                        peak_memory_bytes=edit.stats.peak_memory_bytes, memory_kind=edit.stats.memory_kind,

@@ -275,3 +275,19 @@ def test_session_load_failure_keeps_stack(tmp_path):
     with pytest.raises(EditError):
         session.load(tmp_path / "missing")
     assert len(session.edits) == 1
+
+
+def test_tentatively_puts_back_the_stack_and_redo_list_on_error():
+    handle = tiny_model("gpt2")
+    session = EditSession(handle)
+    kept, undone = random_delta(handle, seed=1), random_delta(handle, seed=2)
+    session.push(undone)
+    session.undo()
+    with pytest.raises(RuntimeError, match="judging failed"), session.tentatively():
+        session.push(kept)  # clears the redo list ...
+        assert not session.can_redo
+        raise RuntimeError("judging failed")
+    assert session.edits == () and session.redo() is undone  # ... which is back after the error
+    with session.tentatively():
+        session.push(kept)
+    assert session.edits == (undone, kept)

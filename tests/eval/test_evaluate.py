@@ -77,6 +77,8 @@ def test_errors_push_nothing(demo, rank_one_method, monkeypatch):
     with pytest.raises(ValueError, match="Unknown hyper-parameters"):
         evaluate_edit(session, rank_one_method, [EIFFEL], hparams={"nonsense": 1})
     assert session.edits == ()
+    undone = evaluate_edit(session, rank_one_method, [EIFFEL], k=0).edit
+    session.undo()  # on the redo list now: a failed evaluation must not lose it
     calls = []
     real_predict = evaluate_module.predict
 
@@ -89,7 +91,7 @@ def test_errors_push_nothing(demo, rank_one_method, monkeypatch):
     monkeypatch.setattr(evaluate_module, "predict", failing_after)
     with pytest.raises(RuntimeError, match="scoring failed"):
         evaluate_edit(session, rank_one_method, [EIFFEL])
-    assert session.edits == ()
+    assert session.edits == () and session.redo() is undone
 
 
 @register_edit_type
