@@ -59,19 +59,21 @@ class TraceResult:
     base_score: float  # clean P(answer)
     low_score: float  # corrupted P(answer), nothing restored
     kind: str
+    window: int = 1  # layers restored together (kinds "mlp" and "attn")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
         return {"kind": self.kind, "tokens": self.tokens, "subject_range": list(self.subject_range),
                 "answer": self.answer, "base_score": self.base_score, "low_score": self.low_score,
-                "scores": self.scores.tolist()}
+                "window": self.window, "scores": self.scores.tolist()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TraceResult:
         start, end = data["subject_range"]
         return cls(scores=torch.tensor(data["scores"], dtype=torch.float32), tokens=list(data["tokens"]),
                    subject_range=(int(start), int(end)), answer=data["answer"],
-                   base_score=float(data["base_score"]), low_score=float(data["low_score"]), kind=data["kind"])
+                   base_score=float(data["base_score"]), low_score=float(data["low_score"]), kind=data["kind"],
+                   window=int(data.get("window", 1)))
 
     def render(self) -> str:
         """A text heatmap: one row per token (subject tokens starred), one column per layer."""
@@ -81,8 +83,8 @@ class TraceResult:
         labels = [("*" if self.subject_range[0] <= i < self.subject_range[1] else " ") + repr(t)[1:-1]
                   for i, t in enumerate(self.tokens)]
         width = max(len(label) for label in labels) + 1
-        what = {"block": "residual stream after each block", "mlp": "MLP outputs (window)",
-                "attn": "attention outputs (window)"}[self.kind]
+        what = {"block": "residual stream after each block", "mlp": f"MLP outputs, window {self.window}",
+                "attn": f"attention outputs, window {self.window}"}[self.kind]
         lines = [f"Causal trace ({what}) -> answer {self.answer!r}",
                  f"P(answer): clean {self.base_score:.3f}, subject corrupted {self.low_score:.3f}; "
                  f"cells: P(answer) with the state restored (* = subject token)",
@@ -208,7 +210,8 @@ def _trace(handle: ModelHandle, text: str, ids: list[int], subject_range: tuple[
         progress((layer + 1) / n_layers, f"causal trace ({kind}): layer {layer + 1}/{n_layers}")
     tokens = [handle.tokenizer.decode([i]) for i in ids]
     return TraceResult(scores=scores, tokens=tokens, subject_range=subject_range, answer=answer,
-                       base_score=base_score, low_score=low_score, kind=kind)
+                       base_score=base_score, low_score=low_score, kind=kind,
+                       window=1 if kind == "block" else window)
 
 
 def _resolve_answer(handle: ModelHandle, text: str, ids: list[int], answer: str | None) -> tuple[int, str]:
@@ -221,14 +224,23 @@ def _resolve_answer(handle: ModelHandle, text: str, ids: list[int], answer: str 
     return answer_id, handle.tokenizer.decode([answer_id]).strip()
 
 
+def default_window(n_layers: int) -> int:
+    """The MLP/attention window for a model of ``n_layers`` layers: the reference's 10 on GPT-2 XL
+    (48 layers), at most a quarter of a shallower model, so that neighbouring layers' windows
+    still differ (with 10 on the 4-layer demo model every window covered every layer)."""
+    return max(1, min(10, n_layers // 4))
+
+
 def causal_trace(handle: ModelHandle, prompt: str, subject: str, answer: str | None = None, kind: str = "block",
-                 n_samples: int = 10, noise: float | None = None, window: int = 10, seed: int = 0,
+                 n_samples: int = 10, noise: float | None = None, window: int | None = None, seed: int = 0,
                  progress: ProgressFn | None = None) -> TraceResult:
     """Trace how P(answer) after ``prompt`` depends on each (token, layer) state.
 
     ``answer`` defaults to the model's greedy next token; only its first token is scored.
-    ``noise`` is the noise's standard deviation (default :func:`embedding_noise_level`).
+    ``noise`` is the noise's standard deviation (default :func:`embedding_noise_level`);
+    ``window`` the layers restored together for MLP/attention (default :func:`default_window`).
     """
+    window = default_window(handle.n_layers) if window is None else window
     if kind not in KINDS:
         raise ValueError(f"Unknown trace kind {kind!r}; choose one of {', '.join(KINDS)}.")
     if n_samples < 1 or window < 1:
@@ -269,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", default="block", choices=[*KINDS, "all"])
     parser.add_argument("--samples", type=int, default=10, help="corrupted runs averaged per cell")
     parser.add_argument("--noise", type=float, default=None, help="noise std (default 3 x embedding std)")
-    parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--window", type=int, default=None,
+                        help="layers restored together for MLP/attention (default: a quarter of the layers, "
+                             "at most 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the result(s) as JSON")
     args = parser.parse_args(argv)

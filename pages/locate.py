@@ -6,7 +6,7 @@ from contextlib import nullcontext
 
 import streamlit as st
 
-from editing.trace import causal_trace
+from editing.trace import causal_trace, default_window
 from ui.plots import TRACE_TITLES, trace_heatmap
 from ui.state import AppState, TraceView, get_state
 from ui.widgets import fact_inputs, read_fact, running, seed_fact_inputs, show_error
@@ -66,8 +66,14 @@ with st.form("loc_form"):
                              format_func=lambda k: TRACE_TITLES[k], persist_state="session")
     n_samples = middle.number_input("Noise samples", min_value=1, max_value=50, value=10, step=1, key="loc_samples",
                                     persist_state="session")
-    window = right.number_input("Window (layers, MLP/attention)", min_value=1, max_value=64, value=10, step=1,
-                                key="loc_window", persist_state="session")
+    handle = state.context.handle if state.context is not None else None
+    window = right.number_input("Window (layers, MLP/attention)", min_value=1, max_value=64, step=1,
+                                value=default_window(handle.n_layers) if handle is not None else 1,
+                                key="loc_window", persist_state="session",
+                                help="Layers restored together around each layer for MLP and attention. "
+                                     "Default: a quarter of the model's layers, at most 10 (ROME's 10 on "
+                                     "GPT-2 XL's 48 layers); a window twice as deep as the model makes every "
+                                     "column equal.")
     with_edits = st.checkbox("Trace the model with my edits applied", key="loc_with_edits", persist_state="session",
                              help="Off: the unedited model. On: see where your edits put the fact.")
     submitted = st.form_submit_button("Trace", type="primary")

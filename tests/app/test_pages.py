@@ -367,6 +367,7 @@ def test_locate_page_draws_a_heatmap_per_kind():
     assert_clean(at)
     at.multiselect(key="loc_kinds").set_value(["block", "mlp"])
     at.number_input(key="loc_samples").set_value(2)
+    assert at.number_input(key="loc_window").value == 1  # a quarter of the demo's 4 layers
     click(at, "Trace")
     assert_clean(at)
     assert not errors(at), errors(at)

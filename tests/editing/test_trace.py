@@ -7,7 +7,16 @@ import json
 import pytest
 import torch
 
-from editing.trace import KINDS, TraceResult, causal_trace, embedding_noise_level, locate_subject, main, trace_all
+from editing.trace import (
+    KINDS,
+    TraceResult,
+    causal_trace,
+    default_window,
+    embedding_noise_level,
+    locate_subject,
+    main,
+    trace_all,
+)
 
 
 def test_trace_shapes_and_invariants_on_every_family(tiny_handle):
@@ -87,3 +96,14 @@ def test_cli_prints_heatmap_and_writes_json(demo_handle, tmp_path, capsys):
     result = TraceResult.from_dict(json.loads(out.read_text()))
     assert result.kind == "mlp" and result.scores.shape == (len(result.tokens), 4)
     assert main(["--model", "demo", "--prompt", "The capital of France is", "--subject", "Spain"]) == 2
+
+
+def test_the_default_window_scales_with_depth_and_is_recorded(demo):
+    assert [default_window(n) for n in (1, 4, 12, 28, 48, 80)] == [1, 1, 3, 7, 10, 10]
+    result = causal_trace(demo, "The capital of {} is", "France", kind="attn", n_samples=2)
+    assert result.window == default_window(demo.n_layers) == 1
+    assert TraceResult.from_dict(result.to_dict()).window == 1 and "window 1" in result.render()
+    # ROME's 10 on the 4-layer demo model: every layer's window holds all layers, every column is equal
+    wide = causal_trace(demo, "The capital of {} is", "France", kind="attn", n_samples=2, window=10)
+    assert torch.allclose(wide.scores[:, 0], wide.scores[:, -1])
+    assert not torch.allclose(result.scores[:, 0], result.scores[:, -1])
