@@ -27,7 +27,6 @@ import shlex
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,13 +36,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from editing.edit import Edit, EditError, ParamDelta
+from editing.edit import EditError, ParamDelta
 from editing.scoring import score_targets
 from editing.tokens import encode, pad_batch, pad_id, target_ids
 from editing.train import checkpoint_config, checkpoint_problem, trained_checkpoint, training_records
 
 if TYPE_CHECKING:
-    from editing.methods.base import EditMethod, HParams, ProgressFn
+    from editing.methods.base import EditMethod, HParams
     from editing.models import ModelHandle
     from editing.train import EditRecord
 
@@ -610,8 +609,10 @@ def load_trained_editor(folder: Path, build: Callable[[dict[str, Any]], nn.Modul
     return _EDITORS[key]
 
 
-#: the checkpoint chosen through the hyper-parameters of the edit being computed
-_CHOSEN_CHECKPOINT: ContextVar[str] = ContextVar("editscope_chosen_checkpoint", default="")
+def chosen_checkpoint(hparams: Any) -> str:
+    """The ``checkpoint`` folder named by hyper-parameters (a dataclass or a dict); "" for none."""
+    value = hparams.get("checkpoint") if isinstance(hparams, dict) else getattr(hparams, "checkpoint", None)
+    return str(value or "")
 
 
 class TrainedEditorMixin:
@@ -633,11 +634,11 @@ class TrainedEditorMixin:
     #: the end of training already uses the editor, before the report is written)
     finished_files: ClassVar[tuple[str, ...]] = (EDITOR_TENSORS,)
 
-    def readiness(self, handle: ModelHandle) -> str | None:
-        problem = super().readiness(handle)  # type: ignore[misc]
+    def readiness(self, handle: ModelHandle, hparams: Any = None) -> str | None:
+        problem = super().readiness(handle, hparams)  # type: ignore[misc]
         if problem is not None:
             return problem
-        chosen = _CHOSEN_CHECKPOINT.get()
+        chosen = chosen_checkpoint(hparams)
         if chosen:
             return checkpoint_problem(handle, self.name, Path(chosen), self.finished_files)
         if trained_checkpoint(handle, self.name) is None:
@@ -649,18 +650,9 @@ class TrainedEditorMixin:
                     f"afterwards.")
         return None
 
-    def apply(self, handle: ModelHandle, requests: Sequence[Any], hparams: Any = None,
-              progress: ProgressFn | None = None) -> Edit:
-        params = self.resolve_hparams(handle, hparams)  # type: ignore[attr-defined]
-        token = _CHOSEN_CHECKPOINT.set(str(getattr(params, "checkpoint", "") or ""))
-        try:
-            return super().apply(handle, requests, params, progress)  # type: ignore[misc]
-        finally:
-            _CHOSEN_CHECKPOINT.reset(token)
-
     def checkpoint_folder(self, handle: ModelHandle, hparams: Any) -> Path:
         """The folder of the editor to use for ``hparams`` (after :meth:`readiness` passed)."""
-        chosen = str(getattr(hparams, "checkpoint", "") or "")
+        chosen = chosen_checkpoint(hparams)
         if chosen:
             folder = Path(chosen)
             problem = checkpoint_problem(handle, self.name, folder, self.finished_files)

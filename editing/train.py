@@ -169,9 +169,13 @@ def checkpoint_dir(handle: ModelHandle, method: str, config: dict[str, Any]) -> 
     if data and Path(data).is_file():  # a changed data file must not find the old editor
         parts.append(hashlib.sha256(Path(data).read_bytes()).hexdigest())
     key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return editors_root(method) / key
+
+
+def editors_root(method: str) -> Path:
+    """The cache folder holding ``method``'s trained editors (``$EDITSCOPE_EDITORS`` overrides)."""
     root = os.environ.get(EDITORS_ENV)
-    base = Path(root) / method.lower() if root else cache_dir("editors", method.lower())
-    return base / key
+    return Path(root) / method.lower() if root else cache_dir("editors", method.lower())
 
 
 #: written by :func:`train_editor` into every checkpoint folder: method, model fingerprint, config
@@ -214,6 +218,17 @@ def checkpoint_problem(handle: ModelHandle, method: str, folder: Path,
         return (f"The editor in {folder} was trained for {meta.get('model')}, "
                 f"not for the loaded model {handle.fingerprint()}.")
     return None
+
+
+def trained_checkpoints(handle: ModelHandle, method: str) -> list[Path]:
+    """Every finished ``method`` editor for ``handle``'s model in the cache, newest first (the
+    default config's and those trained with other settings)."""
+    root = editors_root(method)
+    if not root.is_dir():
+        return []
+    found = [folder for folder in root.iterdir()
+             if folder.is_dir() and checkpoint_problem(handle, method, folder) is None]
+    return sorted(found, key=lambda folder: (folder / REPORT_FILE).stat().st_mtime, reverse=True)
 
 
 def trained_checkpoint(handle: ModelHandle, method: str, config: dict[str, Any] | None = None) -> Path | None:

@@ -87,11 +87,11 @@ def _start(state: AppState, methods: list[str], mode: str, sizes_text: str) -> N
         return
     try:
         sizes = parse_sizes(sizes_text)
-        problems = {m: get_method(m).readiness(ctx.handle) for m in methods}
+        hparams = {ctx.method: ctx.hparams} if ctx.method and ctx.hparams and not ctx.hparam_error else {}
+        problems = {m: get_method(m).readiness(ctx.handle, hparams.get(m)) for m in methods}
         problems = {m: p for m, p in problems.items() if p}
         if problems:
             raise ValueError(" ".join(f"{m}: {p}" for m, p in problems.items()))
-        hparams = {ctx.method: ctx.hparams} if ctx.method and ctx.hparams and not ctx.hparam_error else {}
         plan = ExperimentPlan(methods=tuple(methods), mode=mode, sizes=sizes, dataset=state.dataset.label,
                               hparams=hparams)
     except Exception as err:

@@ -38,17 +38,17 @@ def _run(state: AppState, methods: list[str], on_stack: bool) -> None:
     except Exception as err:
         show_error(err)
         return
+    hparams = {ctx.method: ctx.hparams} if ctx.method and ctx.hparams and not ctx.hparam_error else {}
     errors: dict[str, str] = {}
     runnable = []
     for name in methods:
-        problem = get_method(name).readiness(ctx.handle)
+        problem = get_method(name).readiness(ctx.handle, hparams.get(name))
         if problem:
             errors[name] = problem
         else:
             runnable.append(name)
     session = state.current_session()
     base_edits = list(session.edits) if on_stack and session is not None else []
-    hparams = {ctx.method: ctx.hparams} if ctx.method and ctx.hparams and not ctx.hparam_error else {}
     outcomes = {}
     if runnable:
         try:

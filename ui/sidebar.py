@@ -6,7 +6,9 @@ It is rendered by app.py on every run, so its widgets keep their values on every
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from pathlib import Path
 
 import streamlit as st
 
@@ -87,13 +89,7 @@ def _method_section(state: AppState, ctx: Context) -> None:
     handle = ctx.handle
     if handle is None:
         return
-    try:
-        ctx.method_problem = method.readiness(handle)
-    except Exception as err:  # a readiness check that fails is itself a reason not to edit
-        ctx.method_problem = f"{method.name} cannot check whether it is ready: {error_message(err)}"
-    if ctx.method_problem:
-        st.warning(ctx.method_problem)
-        _train_button(method.name, handle, ctx.model.key)
+    readiness = st.container()  # above the hyper-parameters, which it depends on (a chosen editor)
     try:
         defaults = method.default_hparams(handle)
     except Exception as err:
@@ -102,8 +98,45 @@ def _method_section(state: AppState, ctx: Context) -> None:
         return
     ctx.hparams, ctx.hparam_error = hparam_inputs(defaults, f"hp|{ctx.model.key}|{method.name}",
                                                   n_layers=handle.n_layers)
+    if "checkpoint" in {f.name for f in dataclasses.fields(defaults)}:
+        chosen = _editor_choice(method.name, handle, f"hp|{ctx.model.key}|{method.name}|checkpoint")
+        if chosen:
+            ctx.hparams = {**ctx.hparams, "checkpoint": chosen}
     if ctx.hparams:
         st.caption("Changed: " + ", ".join(f"{k} = {v}" for k, v in ctx.hparams.items()))
+    try:
+        ctx.method_problem = method.readiness(handle, None if ctx.hparam_error else ctx.hparams)
+    except Exception as err:  # a readiness check that fails is itself a reason not to edit
+        ctx.method_problem = f"{method.name} cannot check whether it is ready: {error_message(err)}"
+    if ctx.method_problem:
+        with readiness:
+            st.warning(ctx.method_problem)
+            _train_button(method.name, handle, ctx.model.key)
+
+
+def _editor_choice(method: str, handle: ModelHandle, key: str) -> str:
+    """Pick one of the finished editors of ``method`` for this model; "" is the one trained with
+    the default config (others come from ``python -m editing.train ... --set key=value``)."""
+    from editing.train import TRAINERS, checkpoint_config, trained_checkpoint, trained_checkpoints
+
+    defaults = TRAINERS[method].default_config(handle) if method in TRAINERS else {}
+    default_folder = trained_checkpoint(handle, method)
+    others = [str(folder) for folder in trained_checkpoints(handle, method) if folder != default_folder]
+    if not others:
+        return ""
+    options = ["", *others]
+    if st.session_state.get(key) not in options:  # a choice whose folder is gone
+        st.session_state.pop(key, None)
+
+    def label(folder: str) -> str:
+        if not folder:
+            return "trained with the default config"
+        changed = {k: v for k, v in checkpoint_config(Path(folder)).items() if defaults.get(k) != v}
+        return f"{Path(folder).name}: " + (", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "default")
+
+    return st.selectbox("Trained editor", options, key=key, format_func=label,
+                        help="Editors of this method trained for this model; the label lists the training "
+                             "settings that differ from the defaults.")
 
 
 def _train_button(method: str, handle: ModelHandle, model_key: str) -> None:

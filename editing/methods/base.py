@@ -86,9 +86,9 @@ class EditMethod(ABC):
     #: families it works on (None = all supported families)
     families: ClassVar[tuple[str, ...] | None] = None
 
-    def readiness(self, handle: ModelHandle) -> str | None:
-        """None when the method can edit ``handle`` now; otherwise what the user must do first
-        (e.g. train the editor, with the command that does it)."""
+    def readiness(self, handle: ModelHandle, hparams: HParams | dict[str, Any] | None = None) -> str | None:
+        """None when the method can edit ``handle`` now (with ``hparams``, e.g. a chosen trained
+        editor); otherwise what the user must do first (e.g. train the editor, with the command)."""
         if self.families is not None and handle.arch.family not in self.families:
             return f"{self.name} does not support {handle.arch.family} models (supported: {', '.join(self.families)})."
         return None
@@ -119,10 +119,10 @@ class EditMethod(ABC):
         if not requests:
             raise InvalidEditRequest("No edit requests given.")
         check_fits_context(handle, requests)
-        problem = self.readiness(handle)
+        params = self.resolve_hparams(handle, hparams)
+        problem = self.readiness(handle, params)
         if problem is not None:
             raise EditError(problem)
-        params = self.resolve_hparams(handle, hparams)
         progress = progress or no_progress
         depth = len(handle_stack(handle))
         with handle.lock:

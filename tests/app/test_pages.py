@@ -386,6 +386,26 @@ def test_locate_page_draws_a_heatmap_per_kind():
     assert at.text_input(key=fact_key("loc", "subject")).value == "Big Ben"
 
 
+def test_the_sidebar_offers_editors_trained_with_other_settings(demo_handle, tmp_path, monkeypatch):
+    if "KE" not in _methods():
+        pytest.skip("KE is not registered")
+    from editing.train import EDITORS_ENV, train_editor
+
+    monkeypatch.setenv(EDITORS_ENV, str(tmp_path))  # no editor with the default config here
+    folder, _ = train_editor(demo_handle, "KE", {"steps": 2, "batch_size": 2, "n_eval": 0})
+    at = new_app(method="KE").run()
+    assert any("needs an editor trained" in w.value for w in at.sidebar.warning)
+    choice = at.sidebar.selectbox(key="hp|demo|auto|float32|KE|checkpoint")
+    assert choice.options[1].startswith(f"{folder.name}: ") and "steps=2" in choice.options[1]
+    choice.set_value(str(folder)).run()
+    assert_clean(at)
+    assert not any("needs an editor trained" in w.value for w in at.sidebar.warning)
+    click(at, "Apply edit")
+    assert_clean(at)
+    session = app_state(at).current_session()
+    assert len(session.edits) == 1 and session.edits[0].info["checkpoint"] == str(folder)
+
+
 def test_bad_hyper_parameter_is_reported_and_blocks_the_edit():
     if "FT-L" not in _methods():
         pytest.skip("FT-L is not registered")
@@ -425,7 +445,7 @@ def test_untrained_editor_trains_in_the_background(monkeypatch):
         edit_kind = "weight_delta"
         requires_training: ClassVar[bool] = True
 
-        def readiness(self, handle):
+        def readiness(self, handle, hparams=None):
             return None if trained.is_set() else f"{self.name} needs a trained editor."
 
         def _execute(self, handle, requests, hparams, progress):

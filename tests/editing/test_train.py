@@ -283,3 +283,15 @@ def test_a_chosen_checkpoint_must_be_a_finished_editor_of_that_method_for_this_m
         get_method("MEND").apply(gpt2, [request], {"checkpoint": str(unfinished)})
     edit = get_method("MEND").apply(gpt2, [request], {"checkpoint": str(mend_folder)})  # the right one works
     edit.revert(gpt2)
+
+
+def test_readiness_follows_the_chosen_checkpoint(fresh_cache):
+    from editing.tiny import tiny_model
+
+    handle = tiny_model("gpt2")
+    folder, _ = train_editor(handle, "KE", {"steps": 2, "batch_size": 2, "n_eval": 0})
+    method = get_method("KE")
+    assert "needs an editor trained" in method.readiness(handle)  # the default config is not trained
+    assert method.readiness(handle, {"checkpoint": str(folder)}) is None
+    assert method.readiness(handle, method.default_hparams(handle).replace(checkpoint=str(folder))) is None
+    assert "holds no finished KE editor" in method.readiness(handle, {"checkpoint": str(fresh_cache)})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 
 import torch
 
@@ -29,15 +28,10 @@ def run_hparams(handle, method: str, editors: dict[str, str], steps: int | None 
     (method -> checkpoint folder). Skips the test when the method cannot run on the model."""
     import pytest
 
-    from editing.train import checkpoint_problem
-
     hparams: dict[str, object] = few_steps(handle, method, steps) if steps is not None else {}
-    checkpoint = editors.get(method)
-    if checkpoint is not None:
-        hparams["checkpoint"] = checkpoint
-        problem = checkpoint_problem(handle, method, Path(checkpoint))
-    else:
-        problem = get_method(method).readiness(handle)
+    if method in editors:
+        hparams["checkpoint"] = editors[method]
+    problem = get_method(method).readiness(handle, hparams)
     if problem is not None:
         pytest.skip(f"{method} is not ready on {handle.name}: {problem}")
     return hparams
