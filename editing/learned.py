@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from editing.edit import EditError, ParamDelta
-from editing.scoring import score_targets
+from editing.scoring import check_length, score_targets
 from editing.tokens import encode, pad_batch, pad_id, target_ids
 from editing.train import checkpoint_config, checkpoint_problem, trained_checkpoint, training_records
 
@@ -110,9 +110,7 @@ def target_batch(handle: ModelHandle, pairs: Sequence[tuple[str, str]]) -> Targe
     prompts = [encode(tok, prompt) for prompt, _ in pairs]
     targets = [target_ids(tok, prompt, target) for prompt, target in pairs]
     seqs = [p + t for p, t in zip(prompts, targets, strict=True)]
-    longest = max(len(s) for s in seqs)
-    if longest > handle.max_length:
-        raise ValueError(f"A prompt with its target is {longest} tokens; the model reads at most {handle.max_length}.")
+    check_length(handle, seqs)
     batch = pad_batch(seqs, pad_id(tok), handle.device)
     scored = torch.zeros_like(batch.input_ids, dtype=torch.bool)
     labels = torch.zeros_like(batch.input_ids)

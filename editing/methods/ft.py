@@ -44,6 +44,7 @@ from editing.learned import TargetBatch, target_batch, target_nll
 from editing.methods.base import EditMethod, HParams, ProgressFn, register, scaled_layer
 from editing.models import ModelHandle
 from editing.request import EditRequest
+from editing.scoring import check_length
 from editing.tokens import Batch, encode, pad_batch, pad_id, target_ids
 
 OBJECTIVES = ("prompt_last", "target_new")
@@ -196,8 +197,7 @@ def prompt_last_batch(handle: ModelHandle, prompts: Sequence[str], targets: Sequ
     tok = handle.tokenizer
     sequences = [encode(tok, prompt) for prompt in prompts]
     answers = [target_ids(tok, prompt, target) for prompt, target in zip(prompts, targets, strict=True)]
-    if max(len(s) for s in sequences) > handle.max_length:
-        raise ValueError(f"An edit prompt is longer than the {handle.max_length} tokens the model reads.")
+    check_length(handle, sequences)
     rows = [row for row, answer in enumerate(answers) for _ in answer]
     device = handle.device
     return PromptLastBatch(

@@ -39,7 +39,7 @@ from editing.edit import InferenceWrapper, Route, register_edit_type
 from editing.embeddings import MINILM_NAME, SentenceEncoder, resolve_encoder_kind, sentence_encoder, top_k_similar
 from editing.factbase import FactBase, load_factbase
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
-from editing.methods.serac import relation_of
+from editing.patching import relation_of
 from editing.paths import cache_dir
 from editing.request import EditRequest
 from editing.tokens import encode
@@ -80,13 +80,13 @@ def build_pool(factbase: FactBase, seed: int = 0, n_neighbours: int = 2) -> list
     pool = []
     for record in edit_records("train", factbase, seed=seed):
         request = record.request
-        relation = relation_of(factbase, request)
+        relation = relation_of(request, factbase)
         if relation is None:
             continue
-        others = [f for f in by_relation[relation] if f.subject != request.subject]
+        others = [f for f in by_relation[relation.id] if f.subject != request.subject]
         neighbours = []
         for other in rng.sample(others, min(n_neighbours, len(others))):
-            template = rng.choice(factbase.relations[relation].train_templates)
+            template = rng.choice(relation.train_templates)
             neighbours.append((other.subject, template.replace("{}", other.subject), other.object))
         pool.append(PoolFact(request.subject, new_fact(request), request.text, request.target_new,
                              record.paraphrases, tuple(neighbours)))

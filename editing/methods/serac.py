@@ -49,6 +49,7 @@ from editing.embeddings import SentenceEncoder, resolve_encoder_kind, sentence_e
 from editing.factbase import FactBase, load_factbase
 from editing.learned import TrainedEditorMixin
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
+from editing.patching import relation_of
 from editing.request import EditRequest
 from editing.scoring import score_targets
 from editing.tokens import encode, pad_batch, pad_id, target_ids
@@ -141,11 +142,6 @@ def _template_relations(factbase: FactBase) -> dict[str, str]:
         for template in rel.train_templates + rel.heldout_templates:
             out[template] = rel.id
     return out
-
-
-def relation_of(factbase: FactBase, request: EditRequest) -> str | None:
-    """The fact-base relation whose template the request uses (None for free-form prompts)."""
-    return _template_relations(factbase).get(request.prompt)
 
 
 def scope_examples(records: list[EditRecord], factbase: FactBase, seed: int,
@@ -291,8 +287,9 @@ def counterfactual_examples(handle: ModelHandle, records: list[EditRecord], fact
     out = []
     for record in records:
         request = record.request
-        relation = relation_of(factbase, request)
-        candidates = [o for o in objects.get(relation or "", []) if o not in (request.target_new, request.target_true)]
+        relation = relation_of(request, factbase)
+        candidates = [o for o in objects.get(relation.id if relation else "", [])
+                      if o not in (request.target_new, request.target_true)]
         targets = [request.target_new, *rng.sample(candidates, min(targets_per_query - 1, len(candidates)))]
         for target in targets:
             variant = EditRequest(request.prompt, request.subject, target, request.target_true)
