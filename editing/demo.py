@@ -5,7 +5,7 @@ fact base and corpus, and a GPT-2-architecture model taught every fact through t
 training templates (loss on the answer tokens) plus the corpus as plain language-model text.
 Held-out templates are never trained on; they measure paraphrase generalisation.
 
-The build is deterministic (fixed seeds, one thread) and cached in the user cache folder under
+The build is deterministic (fixed seeds, a fixed thread count) and cached in the user cache folder under
 a key that hashes the data files, the config and this module's version.
 """
 

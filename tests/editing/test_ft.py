@@ -28,15 +28,6 @@ REQ = EditRequest("The capital of {} is", "France", "Rome", "Paris")
 MULTI = EditRequest("The Eiffel Tower is located in", "Eiffel Tower", "United Kingdom", "France")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and on a busy shared CPU far faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("method", ["FT", "FT-L", "FT-M"])
 def test_runs_on_every_family_and_reverts_exactly(tiny_handle, method):
     before = params_snapshot(tiny_handle)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from editing.edit import handle_stack, load_edit
@@ -67,16 +65,14 @@ def test_outside_the_radius_the_model_is_untouched_bit_for_bit(demo):
     assert untouched == len(near)
 
 
-def test_single_edits_are_reliable_local_and_fast(demo):
+def test_single_edits_are_reliable_and_local(demo):
     records = edit_records("heldout", seed=0)[:6]
     method = get_method("GRACE")
     near = neighbours(records)
     base = predictions(demo, near)
-    reliable, general, kept, seconds = [], [], [], []
+    reliable, general, kept = [], [], []
     for record in records:
-        start = time.perf_counter()
         edit = method.apply(demo, [record.request])
-        seconds.append(time.perf_counter() - start)
         try:
             reliable.append(hit_rate(demo, [(record.request.text, record.request.target_new)]))
             general.append(hit_rate(demo, [(p, record.request.target_new) for p in record.paraphrases]))
@@ -85,9 +81,8 @@ def test_single_edits_are_reliable_local_and_fast(demo):
             edit.revert(demo)
     n = len(records)
     print(f"GRACE single edits: reliability {sum(reliable) / n:.2f}, generality {sum(general) / n:.2f}, "
-          f"locality {sum(kept) / n:.3f}, seconds {[round(s, 2) for s in seconds]}")
+          f"locality {sum(kept) / n:.3f}")
     assert sum(reliable) == n and sum(kept) == n
-    assert sorted(seconds)[n // 2] < 3.0
 
 
 def test_same_input_relabelled_retires_the_old_entry_until_undone(demo):

@@ -21,15 +21,6 @@ REQ = EditRequest("The capital of {} is", "France", "Rome", "Paris")
 FAST = {"steps": 4, "n_paraphrases": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is as fast, and on a busy shared CPU far faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_runs_on_every_family_and_reverts_exactly(tiny_handle):
     before = params_snapshot(tiny_handle)
     edit = get_method("KN").apply(tiny_handle, [REQ], FAST)

@@ -26,16 +26,6 @@ REQUESTS = [EditRequest("The capital of {} is", "France", "Rome", "Paris"),
             EditRequest("{} is a famous landmark in", "Eiffel Tower", "Germany", "France")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run many small forward passes: on a shared, busy CPU extra threads only wait
-    for each other (training fixes its own thread count; this covers the evaluation)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def mend_checkpoint(demo_handle) -> str:
     """MEND trained on the demo model with the reduced config (cached on disk by config)."""

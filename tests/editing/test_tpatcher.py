@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -93,18 +91,16 @@ def test_defaults_patch_the_last_layer(tiny_handle):
 
 
 # -- the demo model ----------------------------------------------------------------------------------
-def test_single_edits_are_reliable_local_and_fast(demo):
+def test_single_edits_are_reliable_and_local(demo):
     """Six held-out-subject counterfacts, one at a time: each edit is learnt, the patch stays silent
-    on same-relation neighbours, and an edit takes about 1–2 s."""
+    on same-relation neighbours (latency: python -m eval.bench)."""
     records = edit_records("heldout", seed=0)[:6]
     method = get_method("T-Patcher")
     near = neighbours(records)
     base = predictions(demo, near)
-    reliable, general, kept, seconds = [], [], [], []
+    reliable, general, kept = [], [], []
     for record in records:
-        start = time.perf_counter()
         edit = method.apply(demo, [record.request])
-        seconds.append(time.perf_counter() - start)
         try:
             reliable.append(hit_rate(demo, [(record.request.text, record.request.target_new)]))
             general.append(hit_rate(demo, [(p, record.request.target_new) for p in record.paraphrases]))
@@ -114,10 +110,9 @@ def test_single_edits_are_reliable_local_and_fast(demo):
             edit.revert(demo)
     n = len(records)
     print(f"T-Patcher single edits: reliability {sum(reliable) / n:.2f}, generality {sum(general) / n:.2f}, "
-          f"locality {sum(kept) / n:.3f}, seconds {[round(s, 2) for s in seconds]}")
+          f"locality {sum(kept) / n:.3f}")
     assert sum(reliable) == n
     assert sum(kept) / n >= 0.95
-    assert sorted(seconds)[n // 2] < 6.0  # ~1–2 s on an idle CPU; slack for a shared one
 
 
 def test_sequential_edits_add_one_neuron_each_and_keep_earlier_edits(demo):

@@ -42,16 +42,6 @@ from editing.train import (
 SMALL = {"steps": 4, "batch_size": 2, "n_eval": 2, "checkpoint_every": 2, "log_every": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run many small forward passes: on a shared, busy CPU extra threads only wait
-    for each other (training fixes its own thread count; this covers the evaluation)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     """An empty folder of trained editors, so nothing trained earlier is found."""

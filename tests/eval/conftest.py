@@ -79,18 +79,6 @@ class RankOneTestMethod(EditMethod):
                            deltas={param: delta})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run torch on one thread: on shared CI cores a small model's multi-threaded ops mostly wait for each
-    other (10x slower wall time here), and timings would measure the machine's load, not the code."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def rank_one_method():
     """Registers the test method for one test and removes it again."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -140,17 +139,14 @@ def test_generations_give_fluency_and_consistency(demo, rank_one_method):
         assert math.isfinite(outcome.metrics[key]) and outcome.metrics[key] >= 0
 
 
-def test_one_hundred_probes_before_and_after_is_fast(demo, one_thread):
+def test_one_hundred_probes_before_and_after(demo, rank_one_method):
+    """The bench's throughput case (timed in ``python -m eval.bench``), checked for results."""
     cases = load_dataset("demo", limit=8)
     probes = merge_probesets([c.probes for c in cases]).probes[:100]
     assert len(probes) == 100
     session = EditSession(demo)
-    predict(session, probes)  # warm-up
-    cpu, wall = time.process_time(), time.perf_counter()
-    before, after = predict(session, probes), predict(session, probes)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    print(f"100 probes before and after: {cpu:.2f} s of CPU, {wall:.2f} s wall")
-    assert len(before) == len(after) == 100
-    # The target is < 1 s; CPU time is what the code costs (wall time here mostly measures the
-    # other jobs sharing the machine's cores), with headroom for a loaded machine's slower caches.
-    assert cpu < 1.5
+    before = predict(session, probes)
+    session.apply(rank_one_method, cases[0].requests)
+    after = predict(session, probes)
+    assert [p.probe.id for p in before] == [p.probe.id for p in after] == [p.id for p in probes]
+    assert any(b.pred != a.pred for b, a in zip(before, after, strict=True))  # the edit shows in them

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -97,16 +95,13 @@ def test_edited_layer_defaults():
     assert edited_layer(None, 12) == 6
 
 
-def test_one_hundred_points_after_warm_up(demo, rank_one_method, one_thread):
+def test_one_hundred_points_after_warm_up(demo, rank_one_method):
+    """The bench's scope-map case (timed in ``python -m eval.bench``), checked for results."""
     warm_up_umap()
     cases = load_dataset("demo", limit=8)
     probes = merge_probesets([c.probes for c in cases])
     probes = ProbeSet(probes.requests, probes.probes[:100])
     session = EditSession(demo)
     session.apply(rank_one_method, cases[0].requests)
-    cpu, wall = time.process_time(), time.perf_counter()
     scope = scope_map(session, probes)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    print(f"scope map of 100 points: {cpu:.2f} s of CPU, {wall:.2f} s wall")
     assert scope.projection == "umap" and len(scope.points) == 100
-    assert cpu < 4.0  # target < 3 s (CPU time: wall time on shared cores measures the other jobs)
