@@ -62,3 +62,45 @@ def predictions(handle, pairs) -> list[list[int]]:
 def agreement(after: list[list[int]], before: list[list[int]]) -> float:
     """Locality as the survey defines it: post-edit predictions equal to pre-edit ones."""
     return sum(a == b for a, b in zip(after, before, strict=True)) / len(before)
+
+
+# -- shared by the learned weight-delta editors' tests (MEND, KE) ---------------------------------
+def batch_reliability_summing_singles(handle, method: str, hparams: dict) -> float:
+    """Edit five batches of four held-out counterfacts (different subjects and relations, records
+    50 apart) and return the fraction of target tokens hit. On the first batch, check that the
+    batch's update is the sum of the four single edits' updates (rank and values), as both
+    methods sum independent per-request updates."""
+    from editing.methods import get_method
+    from editing.train import edit_records
+
+    heldout = edit_records("heldout")
+    batches = [[heldout[first + 50 * j].request for j in range(4)] for first in range(5)]
+    editor = get_method(method)
+    hits = []
+    for requests in batches:
+        edit = editor.apply(handle, requests, hparams)
+        try:
+            scores = score_targets(handle, [r.text for r in requests], [r.target_new for r in requests])
+        finally:
+            edit.revert(handle)
+        hits += [s.accuracy for s in scores]
+        if requests is batches[0]:
+            singles = []
+            for request in requests:
+                single = editor.apply(handle, [request], hparams)
+                single.revert(handle)
+                singles.append(single)
+            for name, delta in edit.deltas.items():
+                assert delta.rank == sum(s.deltas[name].rank for s in singles)
+                expected = sum(s.deltas[name].materialise() for s in singles)
+                assert torch.allclose(delta.materialise(), expected, atol=1e-5)
+    return sum(hits) / len(hits)
+
+
+def assert_saved_deltas_round_trip(edit, folder) -> None:
+    """A weight-delta edit saved to ``folder`` loads with every delta equal bit for bit."""
+    from editing.edit import load_edit
+
+    saved = load_edit(edit.save(folder))
+    for name, delta in edit.deltas.items():
+        assert torch.equal(saved.deltas[name].materialise(), delta.materialise())

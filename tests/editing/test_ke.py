@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.edit import load_edit
 from editing.learned import (
     default_edit_layers,
     evaluate_editor,
@@ -17,10 +16,14 @@ from editing.learned import (
 from editing.methods import get_method
 from editing.methods.ke import KEEditor, condition_ids, embed_conditions
 from editing.request import EditRequest
-from editing.scoring import score_targets
 from editing.tiny import tiny_model
 from editing.train import edit_records, train_editor
-from tests.helpers import assert_params_equal, params_snapshot
+from tests.helpers import (
+    assert_params_equal,
+    assert_saved_deltas_round_trip,
+    batch_reliability_summing_singles,
+    params_snapshot,
+)
 
 #: the reduced training run of the behaviour tests (the full default runs 1,000 steps)
 TEST_CONFIG = {"steps": 60, "n_eval": 0, "checkpoint_every": 30}
@@ -83,9 +86,7 @@ def test_ke_edits_every_family_as_low_rank_deltas_and_reverts_exactly(tiny_handl
     finally:
         edit.revert(tiny_handle)
     assert_params_equal(tiny_handle, before)
-    saved = load_edit(edit.save(tmp_path / "ke_edit"))
-    for name, delta in edit.deltas.items():
-        assert torch.equal(saved.deltas[name].materialise(), delta.materialise())
+    assert_saved_deltas_round_trip(edit, tmp_path / "ke_edit")
 
 
 def test_ke_raises_reliability_on_heldout_edits(demo, ke_checkpoint):
@@ -99,27 +100,6 @@ def test_ke_raises_reliability_on_heldout_edits(demo, ke_checkpoint):
 
 
 def test_ke_batch_edit_sums_the_per_request_shifts(demo, ke_checkpoint):
-    heldout = edit_records("heldout")
-    # Batches of four edits of different subjects and relations (records 50 apart).
-    batches = [[heldout[first + 50 * j].request for j in range(4)] for first in range(5)]
-    method, hparams = get_method("KE"), {"checkpoint": ke_checkpoint}
-    hits = []
-    for requests in batches:
-        edit = method.apply(demo, requests, hparams)
-        try:
-            scores = score_targets(demo, [r.text for r in requests], [r.target_new for r in requests])
-        finally:
-            edit.revert(demo)
-        hits += [s.accuracy for s in scores]
-        if requests is batches[0]:
-            singles = []
-            for request in requests:
-                single = method.apply(demo, [request], hparams)
-                single.revert(demo)
-                singles.append(single)
-            for name, delta in edit.deltas.items():
-                assert delta.rank == sum(s.deltas[name].rank for s in singles)
-                expected = sum(s.deltas[name].materialise() for s in singles)
-                assert torch.allclose(delta.materialise(), expected, atol=1e-5)
-    print("KE batch-of-4 reliability:", sum(hits) / len(hits))
-    assert sum(hits) / len(hits) >= 0.4
+    reliability = batch_reliability_summing_singles(demo, "KE", {"checkpoint": ke_checkpoint})
+    print("KE batch-of-4 reliability:", reliability)
+    assert reliability >= 0.4
