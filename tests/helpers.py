@@ -64,6 +64,33 @@ def agreement(after: list[list[int]], before: list[list[int]]) -> float:
     return sum(a == b for a, b in zip(after, before, strict=True)) / len(before)
 
 
+def single_edit_figures(handle, method: str, records, check=None) -> tuple[float, float, float]:
+    """Apply ``method`` to each record alone (reverted after): the fractions of edits whose prompt
+    and whose paraphrases answer the new target, and the mean agreement on the records'
+    neighbours. ``check(edit)`` runs on every applied edit."""
+    from editing.methods import get_method
+
+    editor = get_method(method)
+    near = neighbours(records)
+    base = predictions(handle, near)
+    reliable, general, kept = [], [], []
+    for record in records:
+        edit = editor.apply(handle, [record.request])
+        try:
+            reliable.append(hit_rate(handle, [(record.request.text, record.request.target_new)]))
+            general.append(hit_rate(handle, [(p, record.request.target_new) for p in record.paraphrases]))
+            kept.append(agreement(predictions(handle, near), base))
+            if check is not None:
+                check(edit)
+        finally:
+            edit.revert(handle)
+    n = len(records)
+    figures = sum(reliable) / n, sum(general) / n, sum(kept) / n
+    print(f"{method} single edits: reliability {figures[0]:.2f}, generality {figures[1]:.2f}, "
+          f"locality {figures[2]:.3f}")
+    return figures
+
+
 # -- shared by the learned weight-delta editors' tests (MEND, KE) ---------------------------------
 def batch_reliability_summing_singles(handle, method: str, hparams: dict) -> float:
     """Edit five batches of four held-out counterfacts (different subjects and relations, records

@@ -260,7 +260,6 @@ def _kept_batches(handle: ModelHandle, requests: list[EditRequest], hparams: Cal
             for name, prompts in groups.items()}
 
 
-
 def _last_positions(batch: Batch) -> torch.Tensor:
     """Mask of each row's last real token (where a fact prompt's answer is predicted)."""
     mask = torch.zeros_like(batch.attention_mask, dtype=torch.bool)

@@ -21,16 +21,6 @@ from tests.helpers import agreement, assert_params_equal, hit_rate, logits, neig
 REQ = EditRequest("The capital of {} is", "France", "Berlin", "Paris")
 
 
-
-
-
-
-
-
-
-
-
-
 # -- every family: shapes, finiteness, exact revert, persistence --------------------------------------
 def test_calibration_ffn_on_every_family_is_finite_and_reverts_exactly(tiny_handle, tmp_path):
     before, out_before = params_snapshot(tiny_handle), logits(tiny_handle)

@@ -10,19 +10,18 @@ from editing.methods.grace import GRACEHParams, GracePatch, active_grace_edits, 
 from editing.request import EditRequest
 from editing.session import EditSession
 from editing.train import edit_records
-from tests.helpers import agreement, assert_params_equal, hit_rate, logits, neighbours, params_snapshot, predictions
+from tests.helpers import (
+    agreement,
+    assert_params_equal,
+    hit_rate,
+    logits,
+    neighbours,
+    params_snapshot,
+    predictions,
+    single_edit_figures,
+)
 
 REQ = EditRequest("The capital of {} is", "France", "Berlin", "Paris")
-
-
-
-
-
-
-
-
-
-
 
 
 # -- every family: shapes, finiteness, exact revert, persistence --------------------------------------
@@ -66,23 +65,8 @@ def test_outside_the_radius_the_model_is_untouched_bit_for_bit(demo):
 
 
 def test_single_edits_are_reliable_and_local(demo):
-    records = edit_records("heldout", seed=0)[:6]
-    method = get_method("GRACE")
-    near = neighbours(records)
-    base = predictions(demo, near)
-    reliable, general, kept = [], [], []
-    for record in records:
-        edit = method.apply(demo, [record.request])
-        try:
-            reliable.append(hit_rate(demo, [(record.request.text, record.request.target_new)]))
-            general.append(hit_rate(demo, [(p, record.request.target_new) for p in record.paraphrases]))
-            kept.append(agreement(predictions(demo, near), base))
-        finally:
-            edit.revert(demo)
-    n = len(records)
-    print(f"GRACE single edits: reliability {sum(reliable) / n:.2f}, generality {sum(general) / n:.2f}, "
-          f"locality {sum(kept) / n:.3f}")
-    assert sum(reliable) == n and sum(kept) == n
+    reliability, _generality, locality = single_edit_figures(demo, "GRACE", edit_records("heldout", seed=0)[:6])
+    assert reliability == 1.0 and locality == 1.0
 
 
 def test_same_input_relabelled_retires_the_old_entry_until_undone(demo):

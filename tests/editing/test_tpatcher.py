@@ -13,19 +13,18 @@ from editing.request import EditRequest
 from editing.session import EditSession
 from editing.tiny import tiny_model
 from editing.train import edit_records
-from tests.helpers import agreement, assert_params_equal, hit_rate, logits, neighbours, params_snapshot, predictions
+from tests.helpers import (
+    agreement,
+    assert_params_equal,
+    hit_rate,
+    logits,
+    neighbours,
+    params_snapshot,
+    predictions,
+    single_edit_figures,
+)
 
 REQ = EditRequest("The capital of {} is", "France", "Berlin", "Paris")
-
-
-
-
-
-
-
-
-
-
 
 
 # -- every family: shapes, finiteness, exact revert, persistence --------------------------------------
@@ -94,25 +93,13 @@ def test_defaults_patch_the_last_layer(tiny_handle):
 def test_single_edits_are_reliable_and_local(demo):
     """Six held-out-subject counterfacts, one at a time: each edit is learnt, the patch stays silent
     on same-relation neighbours (latency: python -m eval.bench)."""
+
+    def converged(edit) -> None:
+        assert edit.info["converged"], edit.info
+
     records = edit_records("heldout", seed=0)[:6]
-    method = get_method("T-Patcher")
-    near = neighbours(records)
-    base = predictions(demo, near)
-    reliable, general, kept = [], [], []
-    for record in records:
-        edit = method.apply(demo, [record.request])
-        try:
-            reliable.append(hit_rate(demo, [(record.request.text, record.request.target_new)]))
-            general.append(hit_rate(demo, [(p, record.request.target_new) for p in record.paraphrases]))
-            kept.append(agreement(predictions(demo, near), base))
-            assert edit.info["converged"], edit.info
-        finally:
-            edit.revert(demo)
-    n = len(records)
-    print(f"T-Patcher single edits: reliability {sum(reliable) / n:.2f}, generality {sum(general) / n:.2f}, "
-          f"locality {sum(kept) / n:.3f}")
-    assert sum(reliable) == n
-    assert sum(kept) / n >= 0.95
+    reliability, _generality, locality = single_edit_figures(demo, "T-Patcher", records, check=converged)
+    assert reliability == 1.0 and locality >= 0.95
 
 
 def test_sequential_edits_add_one_neuron_each_and_keep_earlier_edits(demo):
