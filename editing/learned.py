@@ -208,6 +208,22 @@ def to_param_delta(handle: ModelHandle, weight_name: str, left: torch.Tensor, ri
     return ParamDelta.low_rank(left.T.contiguous(), right.contiguous())
 
 
+def summed_deltas(handle: ModelHandle, shifts: dict[str, LowRankShift],
+                  keep: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, ParamDelta], dict[str, int]]:
+    """One low-rank :class:`ParamDelta` per weight: the sum of all examples' shifts, as the rows
+    of their factors stacked; rows are kept where ``keep[name]`` (``(examples, rank)``) is True,
+    by default where the left factor is non-zero (positions without gradient give exact zeros).
+    Returns the deltas and each weight's rank."""
+    deltas, ranks = {}, {}
+    for name, shift in shifts.items():
+        left = shift.left.reshape(-1, shift.left.shape[-1])
+        right = shift.right.reshape(-1, shift.right.shape[-1])
+        rows = keep[name].reshape(-1) if keep is not None else left.abs().sum(-1) > 0
+        deltas[name] = to_param_delta(handle, name, left[rows], right[rows])
+        ranks[name] = int(rows.sum())
+    return deltas, ranks
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradient factors
 # ---------------------------------------------------------------------------------------------
@@ -647,6 +663,14 @@ class TrainedEditorMixin:
                     f"Train it from the app, or run:  {command}{estimate}. The checkpoint is cached and reused "
                     f"afterwards.")
         return None
+
+    def trained_editor(self, handle: ModelHandle, hparams: Any,
+                       build: Callable[[dict[str, Any]], nn.Module]) -> tuple[nn.Module, Path]:
+        """The editor to use for ``hparams`` (built from its training config by ``build``), on the
+        model's device, and its checkpoint folder."""
+        folder = self.checkpoint_folder(handle, hparams)
+        editor, _config = load_trained_editor(folder, build)
+        return editor.to(handle.device), folder
 
     def checkpoint_folder(self, handle: ModelHandle, hparams: Any) -> Path:
         """The folder of the editor to use for ``hparams`` (after :meth:`readiness` passed)."""

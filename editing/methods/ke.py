@@ -41,12 +41,11 @@ from editing.learned import (
     default_edit_layers,
     edit_and_locality_losses,
     gradient_factors,
-    load_trained_editor,
     lr_warmup_linear,
     mlp_weight_names,
     out_in_shape,
+    summed_deltas,
     target_batch,
-    to_param_delta,
     train_gradient_editor,
 )
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
@@ -250,9 +249,7 @@ class KE(TrainedEditorMixin, EditMethod):
     def _execute(self, handle: ModelHandle, requests: list[EditRequest], hparams: HParams,
                  progress: ProgressFn) -> Edit:
         assert isinstance(hparams, KEHParams)
-        folder = self.checkpoint_folder(handle, hparams)
-        editor, _config = load_trained_editor(folder, lambda config: build_editor(handle, config))
-        editor = editor.to(handle.device)
+        editor, folder = self.trained_editor(handle, hparams, lambda config: build_editor(handle, config))
         # KE edits one fact at a time; a batch is the sum of each request's shift, all computed
         # at the current weights in one pass (as MEND does; chaining them, each gradient taken
         # after the earlier shifts, edited fewer facts of a batch in our tests).
@@ -268,12 +265,6 @@ class KE(TrainedEditorMixin, EditMethod):
         with torch.no_grad():
             sequences = [condition_ids(handle, r, old) for r, old in zip(requests, old_answers, strict=True)]
             shifts = editor.shifts(editor.condition(*embed_conditions(handle, sequences)), factors, scale=hparams.scale)
-        deltas, ranks = {}, {}
-        for name, shift in shifts.items():
-            left = shift.left.reshape(-1, shift.left.shape[-1])
-            right = shift.right.reshape(-1, shift.right.shape[-1])
-            keep = left.abs().sum(-1) > 0  # positions without gradient give exact zeros
-            deltas[name] = to_param_delta(handle, name, left[keep], right[keep])
-            ranks[name] = int(keep.sum())
+        deltas, ranks = summed_deltas(handle, shifts)  # rows without gradient are exact zeros: dropped
         info = {"checkpoint": str(folder), "ranks": ranks}
         return WeightDelta(method=self.name, requests=requests, hparams=hparams.to_dict(), info=info, deltas=deltas)

@@ -38,12 +38,11 @@ from editing.learned import (
     default_edit_layers,
     edit_and_locality_losses,
     gradient_factors,
-    load_trained_editor,
     mlp_weight_names,
     out_in_shape,
     seeded_generator,
+    summed_deltas,
     target_batch,
-    to_param_delta,
     train_gradient_editor,
 )
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
@@ -255,22 +254,14 @@ class MEND(TrainedEditorMixin, EditMethod):
     def _execute(self, handle: ModelHandle, requests: list[EditRequest], hparams: HParams,
                  progress: ProgressFn) -> Edit:
         assert isinstance(hparams, MENDHParams)
-        folder = self.checkpoint_folder(handle, hparams)
-        editor, _config = load_trained_editor(folder, lambda config: build_editor(handle, config))
-        editor = editor.to(handle.device)
+        editor, folder = self.trained_editor(handle, hparams, lambda config: build_editor(handle, config))
         progress(0.2, "MEND: gradient of the edit loss")
         batch = target_batch(handle, [(r.text, r.target_new) for r in requests])
         factors, losses = gradient_factors(handle, editor.weight_names, batch)
         progress(0.6, "MEND: transforming the gradient")
         with torch.no_grad():
             shifts = editor.shifts(factors, lr_scale=hparams.lr_scale)
-        deltas = {}
-        ranks = {}
-        for name, shift in shifts.items():
-            keep = factors[name].mask.reshape(-1)  # drop positions without gradient: exact zeros
-            left = shift.left.reshape(-1, shift.left.shape[-1])[keep]
-            right = shift.right.reshape(-1, shift.right.shape[-1])[keep]
-            deltas[name] = to_param_delta(handle, name, left, right)
-            ranks[name] = int(keep.sum())
+        # positions without gradient are dropped (the transform's output there is not zero)
+        deltas, ranks = summed_deltas(handle, shifts, {name: f.mask for name, f in factors.items()})
         info = {"checkpoint": str(folder), "ranks": ranks, "edit_nll_before": [round(float(v), 4) for v in losses]}
         return WeightDelta(method=self.name, requests=requests, hparams=hparams.to_dict(), info=info, deltas=deltas)
