@@ -21,14 +21,6 @@ REQUESTS = [EditRequest("The capital of {} is", "France", "Berlin", "Paris"),
             EditRequest("{} is a city in", "Madrid", "Italy", "Spain")]
 
 
-@pytest.fixture
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDITSCOPE_CACHE", str(tmp_path / "cache"))
-    stats.clear_memory_cache()
-    yield
-    stats.clear_memory_cache()
-
-
 def quick_hparams(handle) -> AlphaEditHyperParams:
     return AlphaEditHyperParams.for_model(handle).replace(v_num_grad_steps=4, mom2_n_samples=300)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from editing import stats
@@ -17,14 +16,6 @@ from tests.helpers import assert_params_equal, params_snapshot
 
 REQUESTS = [EditRequest("The capital of {} is", "France", "Berlin", "Paris"),
             EditRequest("{} is a city in", "Madrid", "Italy", "Spain")]
-
-
-@pytest.fixture
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDITSCOPE_CACHE", str(tmp_path / "cache"))
-    stats.clear_memory_cache()
-    yield
-    stats.clear_memory_cache()
 
 
 def quick_hparams(handle) -> MEMITHyperParams:

@@ -70,15 +70,6 @@ def neighbourhood_score(handle, cases: list[tuple[EditRequest, list]]) -> float:
     return share([hit for request, neighbours in cases for hit in neighbourhood_hits(handle, request, neighbours)])
 
 
-@pytest.fixture
-def isolated_cache(tmp_path, monkeypatch):
-    """Statistics and context templates of tiny random models go to a temporary cache."""
-    monkeypatch.setenv("EDITSCOPE_CACHE", str(tmp_path / "cache"))
-    stats.clear_memory_cache()
-    yield
-    stats.clear_memory_cache()
-
-
 def quick_hparams(handle) -> ROMEHyperParams:
     return ROMEHyperParams.for_model(handle).replace(v_num_grad_steps=4, mom2_n_samples=300,
                                                      context_template_length_params=[[5, 3]])
