@@ -211,7 +211,12 @@ def checkpoint_problem(handle: ModelHandle, method: str, folder: Path,
     meta_path = folder / EDITOR_META
     if not meta_path.exists() or not all((folder / name).exists() for name in finished):
         return f"{folder} holds no finished {method} editor (no {' and '.join([EDITOR_META, *finished])})."
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{meta_path} cannot be read ({err}); train the editor again."
+    if not isinstance(meta, dict):
+        return f"{meta_path} is not a checkpoint record; train the editor again."
     if meta.get("method") != method:
         return f"{folder} holds a {meta.get('method')} editor, not a {method} one."
     if meta.get("model") != handle.fingerprint():

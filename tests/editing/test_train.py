@@ -271,6 +271,12 @@ def test_a_chosen_checkpoint_must_be_a_finished_editor_of_that_method_for_this_m
     save_editor_meta(unfinished, gpt2, "MEND", TRAINERS["MEND"].default_config(gpt2))  # training never ended
     with pytest.raises(EditError, match="no finished MEND editor"):
         get_method("MEND").apply(gpt2, [request], {"checkpoint": str(unfinished)})
+    broken = fresh_cache / "broken"
+    broken.mkdir()
+    (broken / "editor.json").write_text("{not json")
+    (broken / "editor.safetensors").write_bytes(b"")  # present, so the record is what is read
+    with pytest.raises(EditError, match="cannot be read"):
+        get_method("MEND").apply(gpt2, [request], {"checkpoint": str(broken)})
     edit = get_method("MEND").apply(gpt2, [request], {"checkpoint": str(mend_folder)})  # the right one works
     edit.revert(gpt2)
 
