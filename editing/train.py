@@ -17,7 +17,7 @@ import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -148,6 +148,9 @@ class Trainer:
     method: str
     default_config: Callable[[ModelHandle], dict[str, Any]]
     train: Callable[[ModelHandle, dict[str, Any], Path, Callable[[float, str], None]], dict[str, Any]]
+    #: overrides for a training of a few steps, seconds long: an editor that runs (for timing it
+    #: and for failure-handling checks on tiny random models), not one that edits well
+    quick: dict[str, Any] = field(default_factory=dict)
 
 
 TRAINERS: dict[str, Trainer] = {}

@@ -280,25 +280,32 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     return value, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def ensure_ready(handle: ModelHandle, method: str, train: bool, log: Log) -> str | None:
-    """None when ``method`` can edit ``handle``; else why not (after training it with ``train``)."""
-    problem = get_method(method).readiness(handle)
-    if problem is None or not train:
-        return problem
+def ensure_ready(handle: ModelHandle, method: str, train: bool, log: Log,
+                 quick: bool = False) -> tuple[str | None, dict[str, Any]]:
+    """``(None, hparams)`` when ``method`` can edit ``handle`` with ``hparams``; else ``(why not, {})``.
+
+    A learned method without an editor is trained first: with ``train`` in its default config;
+    with ``quick`` (tiny random models, where only the cost is measured) in its trainer's few-step
+    ``quick`` config, whose checkpoint the returned hyper-parameters then name.
+    """
+    method_obj = get_method(method)
+    problem = method_obj.readiness(handle)
     from editing.train import TRAINERS, train_editor
 
-    if method not in TRAINERS:
-        return problem
-    log(f"  training {method} on {handle.name} ...")
+    if problem is None or method not in TRAINERS or not (train or quick):
+        return problem, {}
+    overrides = None if train else TRAINERS[method].quick
+    log(f"  training {method} on {handle.name}{' (a few steps, to time it)' if overrides else ''} ...")
     try:
-        train_editor(handle, method, progress=lambda f, m: None)
+        folder, _ = train_editor(handle, method, overrides, progress=lambda f, m: None)
     except Exception as err:  # a failed training is reported like any other skip
-        return f"training failed: {_reason(err)}"
-    return get_method(method).readiness(handle)
+        return f"training failed: {_reason(err)}", {}
+    hparams: dict[str, Any] = {"checkpoint": str(folder)} if overrides else {}
+    return method_obj.readiness(handle, hparams), hparams
 
 
 def bench_latency(handle: ModelHandle, model: str, method: str, requests: Sequence[EditRequest],
-                  n_probes: int = 0, seed: int = 0) -> LatencyRow:
+                  n_probes: int = 0, seed: int = 0, hparams: dict[str, Any] | None = None) -> LatencyRow:
     """One warm-up edit, then ``len(requests) - 1`` timed single edits, each on the unedited model.
 
     With ``n_probes`` it also measures evaluation throughput with the last edit active.
@@ -311,7 +318,7 @@ def bench_latency(handle: ModelHandle, model: str, method: str, requests: Sequen
     peaks: list[int] = []
     for index, request in enumerate(requests):
         session.clear()
-        edit, _, cpu = _timed(lambda request=request: session.apply(method_obj, request))
+        edit, _, cpu = _timed(lambda request=request: session.apply(method_obj, request, hparams or None))
         if index == 0:
             row.cold_s = edit.stats.wall_time_s
             row.cold_peak_memory_bytes = edit.stats.peak_memory_bytes
@@ -605,7 +612,7 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> BenchResults:
         is_demo = not label.startswith("tiny")
         log(f"\n== {label} ({handle.n_layers} layers, d_model {handle.d_model}) on {handle.device}")
         for method in methods:
-            problem = ensure_ready(handle, method, config.train, log)
+            problem, hparams = ensure_ready(handle, method, config.train, log, quick=not is_demo)
             if problem is not None:
                 results.latency.append(LatencyRow(model=label, method=method, status="skipped", reason=problem,
                                                   edit_kind=get_method(method).edit_kind))
@@ -614,7 +621,7 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> BenchResults:
             n_edits = (config.n_edits if is_demo else config.n_edits_tiny) + 1
             try:
                 row = bench_latency(handle, label, method, pool[:n_edits],
-                                    n_probes=config.n_probes if is_demo else 0, seed=config.seed)
+                                    n_probes=config.n_probes if is_demo else 0, seed=config.seed, hparams=hparams)
             except Exception as err:
                 row = LatencyRow(model=label, method=method, status="oom" if _is_oom(err) else "error",
                                  reason=_reason(err), edit_kind=get_method(method).edit_kind)

@@ -223,7 +223,7 @@ def train(handle: ModelHandle, config: dict[str, Any], folder: Path, progress: P
                                  lr_at=lr_warmup_linear(warmup, config["steps"]))
 
 
-register_trainer(Trainer(NAME, default_config, train))
+register_trainer(Trainer(NAME, default_config, train, quick={"steps": 3, "batch_size": 2, "n_eval": 0}))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -228,7 +228,7 @@ def train(handle: ModelHandle, config: dict[str, Any], folder: Path, progress: P
     return result
 
 
-register_trainer(Trainer(NAME, default_config, train))
+register_trainer(Trainer(NAME, default_config, train, quick={"steps": 3, "batch_size": 2, "n_eval": 0}))
 
 
 # ---------------------------------------------------------------------------------------------

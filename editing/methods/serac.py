@@ -453,7 +453,9 @@ def evaluate_editor(editor: SeracEditor, records: list[EditRecord], factbase: Fa
     }
 
 
-register_trainer(Trainer(method=METHOD, default_config=default_config, train=train_serac))
+register_trainer(Trainer(method=METHOD, default_config=default_config, train=train_serac,
+                         quick={"n_records": 8, "classifier_steps": 2, "classifier_batch": 8, "cf_steps": 2,
+                                "cf_batch": 4, "cf_warmup": 1, "n_eval": 0}))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 
 from editing.methods import available_methods, get_method
 from editing.tiny import tiny_model
+from editing.train import EDITORS_ENV
 from eval import bench
 
 
@@ -20,10 +21,11 @@ def _fast_ready_method() -> str | None:
     return None
 
 
-def test_a_quick_run_measures_every_case_and_writes_csv_plot_and_markdown(tmp_path):
+def test_a_quick_run_measures_every_case_and_writes_csv_plot_and_markdown(tmp_path, monkeypatch):
     method = _fast_ready_method()
     if method is None:
         pytest.skip("no method registered and ready on a tiny model")
+    monkeypatch.setenv(EDITORS_ENV, str(tmp_path / "editors"))  # no trained editor here yet
     unready = [m for m in available_methods() if get_method(m).readiness(tiny_model("gpt2")) is not None][:1]
     config = bench.quick_config(models=("tiny-gpt2",), methods=(method, *unready, "No-Such-Method"), server=False)
     log: list[str] = []
@@ -35,8 +37,11 @@ def test_a_quick_run_measures_every_case_and_writes_csv_plot_and_markdown(tmp_pa
     assert measured.median_cpu_s > 0
     assert measured.peak_memory_bytes >= 0 and measured.memory_kind in ("rss", "cuda")
     assert measured.edit_size_bytes > 0
-    for name in unready:  # an untrained editor is skipped with the reason, not an error
-        assert rows[name].status == "skipped" and rows[name].reason
+    for name in unready:  # on a tiny model an editor is trained for a few steps, only to time it
+        assert rows[name].status == "ok" and rows[name].n_edits == config.n_edits_tiny
+        assert any(f"training {name} on tiny-gpt2 (a few steps" in line for line in log)
+        problem, hparams = bench.ensure_ready(tiny_model("llama"), name, train=False, log=log.append)
+        assert "python -m editing.train" in problem and hparams == {}  # elsewhere: skipped with the reason
     assert "No-Such-Method" not in rows and any("unknown method 'No-Such-Method'" in line for line in log)
     assert results.server["status"] == "skipped"
     written = bench.write_results(results, tmp_path)
