@@ -21,11 +21,48 @@ def assert_params_equal(handle, snapshot: dict[str, torch.Tensor]) -> None:
         assert torch.equal(param, snapshot[name]), f"parameter {name} differs"
 
 
+def random_delta(handle, layer: int = 1, rank: int | None = None, scale: float = 0.1, seed: int = 0,
+                 request=None):
+    """A seeded random :class:`WeightDelta` on one layer's MLP output weight: dense, or low rank
+    with ``rank`` (for tests of edits, sessions and files that need no real method)."""
+    from editing.edit import ParamDelta, WeightDelta
+    from editing.request import EditRequest
+
+    request = request or EditRequest("The capital of {} is", "France", "Lyon", "Paris")
+    name = handle.arch.mlp_out_name(layer) + ".weight"
+    shape = handle.parameter(name).shape
+    gen = torch.Generator().manual_seed(seed)
+    if rank is None:
+        delta = ParamDelta(dense=scale * torch.randn(shape, generator=gen))
+    else:
+        delta = ParamDelta.low_rank(scale * torch.randn(shape[0], rank, generator=gen),
+                                    torch.randn(rank, shape[1], generator=gen))
+    return WeightDelta(method="test", requests=[request], hparams={}, deltas={name: delta})
+
+
 # -- shared by the module-patch method tests (T-Patcher, CaliNET, GRACE) ------------------------
 def logits(handle, text: str = "The capital of France is") -> torch.Tensor:
     ids = torch.tensor([handle.tokenizer(text)["input_ids"]], device=handle.device)
     with torch.no_grad():
         return handle.model(ids).logits
+
+
+def assert_patch_changes_reverts_and_reloads(handle, edit, before: dict[str, torch.Tensor],
+                                             out_before: torch.Tensor, folder):
+    """An applied module patch changes the output; reverted, output and parameters are back bit for
+    bit; saved to ``folder`` and loaded, it gives the same edited output again. Returns the loaded edit."""
+    from editing.edit import load_edit
+
+    out_edited = logits(handle)
+    assert not torch.equal(out_edited, out_before)
+    edit.revert(handle)
+    assert torch.equal(logits(handle), out_before)
+    assert_params_equal(handle, before)
+    loaded = load_edit(edit.save(folder))
+    loaded.apply(handle)
+    assert torch.equal(logits(handle), out_edited)
+    loaded.revert(handle)
+    return loaded
 
 
 def hit_rate(handle, pairs) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.edit import handle_stack, load_edit
+from editing.edit import handle_stack
 from editing.factbase import load_factbase
 from editing.hooks import capture
 from editing.learned import target_batch
@@ -16,7 +16,16 @@ from editing.request import EditRequest
 from editing.session import EditSession
 from editing.tiny import tiny_model
 from editing.train import edit_records
-from tests.helpers import agreement, assert_params_equal, hit_rate, logits, neighbours, params_snapshot, predictions
+from tests.helpers import (
+    agreement,
+    assert_params_equal,
+    assert_patch_changes_reverts_and_reloads,
+    hit_rate,
+    logits,
+    neighbours,
+    params_snapshot,
+    predictions,
+)
 
 REQ = EditRequest("The capital of {} is", "France", "Berlin", "Paris")
 
@@ -32,15 +41,7 @@ def test_calibration_ffn_on_every_family_is_finite_and_reverts_exactly(tiny_hand
     assert all(t.shape == (8, tiny_handle.d_model) for t in edit.weights.values())
     assert all(torch.isfinite(t).all() for t in edit.tensors().values())
     assert all(p.grad is None and not p.requires_grad for p in tiny_handle.model.parameters())
-    out_edited = logits(tiny_handle)
-    assert not torch.equal(out_edited, out_before)
-    edit.revert(tiny_handle)
-    assert torch.equal(logits(tiny_handle), out_before)
-    assert_params_equal(tiny_handle, before)
-    loaded = load_edit(edit.save(tmp_path / "calinet"))
-    loaded.apply(tiny_handle)
-    assert torch.equal(logits(tiny_handle), out_edited)
-    loaded.revert(tiny_handle)
+    assert_patch_changes_reverts_and_reloads(tiny_handle, edit, before, out_before, tmp_path / "calinet")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -23,21 +23,9 @@ from editing.edit import (
 from editing.request import EditRequest
 from editing.session import EditSession
 from editing.tiny import tiny_model
-from tests.helpers import assert_params_equal, params_snapshot
+from tests.helpers import assert_params_equal, params_snapshot, random_delta
 
 REQ = EditRequest("The capital of {} is", "France", "Lyon", "Paris")
-
-
-def random_delta(handle, layer: int = 1, rank: int | None = None, scale: float = 0.1, seed: int = 0) -> WeightDelta:
-    name = handle.arch.mlp_out_name(layer) + ".weight"
-    shape = handle.parameter(name).shape
-    gen = torch.Generator().manual_seed(seed)
-    if rank is None:
-        delta = ParamDelta(dense=scale * torch.randn(shape, generator=gen))
-    else:
-        delta = ParamDelta.low_rank(scale * torch.randn(shape[0], rank, generator=gen),
-                                    torch.randn(rank, shape[1], generator=gen))
-    return WeightDelta(method="test", requests=[REQ], hparams={}, deltas={name: delta})
 
 
 @register_edit_type

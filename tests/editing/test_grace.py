@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from editing.edit import handle_stack, load_edit
+from editing.edit import handle_stack
 from editing.methods import get_method
 from editing.methods.grace import GRACEHParams, GracePatch, active_grace_edits, count_codebook_entries, merged_codebook
 from editing.request import EditRequest
@@ -12,7 +12,7 @@ from editing.session import EditSession
 from editing.train import edit_records
 from tests.helpers import (
     agreement,
-    assert_params_equal,
+    assert_patch_changes_reverts_and_reloads,
     hit_rate,
     logits,
     neighbours,
@@ -31,16 +31,8 @@ def test_codebook_on_every_family_is_finite_and_reverts_exactly(tiny_handle, tmp
     assert isinstance(edit, GracePatch) and edit.is_applied and edit.n_entries == 1
     assert edit.keys.shape == (1, tiny_handle.d_ff) and edit.values.shape == (1, tiny_handle.d_model)
     assert all(torch.isfinite(t).all() for t in edit.tensors().values())
-    out_edited = logits(tiny_handle)
-    assert not torch.equal(out_edited, out_before)
-    edit.revert(tiny_handle)
-    assert torch.equal(logits(tiny_handle), out_before)
-    assert_params_equal(tiny_handle, before)
-    loaded = load_edit(edit.save(tmp_path / "grace"))
+    loaded = assert_patch_changes_reverts_and_reloads(tiny_handle, edit, before, out_before, tmp_path / "grace")
     assert loaded.uid == edit.uid and loaded.labels == ["Berlin"]
-    loaded.apply(tiny_handle)
-    assert torch.equal(logits(tiny_handle), out_edited)
-    loaded.revert(tiny_handle)
 
 
 def test_default_layer_follows_the_paper_depth(tiny_handle):

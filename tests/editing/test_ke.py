@@ -17,7 +17,7 @@ from editing.methods import get_method
 from editing.methods.ke import KEEditor, condition_ids, embed_conditions
 from editing.request import EditRequest
 from editing.tiny import tiny_model
-from editing.train import edit_records, train_editor
+from editing.train import TRAINERS, edit_records, train_editor
 from tests.helpers import (
     assert_params_equal,
     assert_saved_deltas_round_trip,
@@ -25,9 +25,8 @@ from tests.helpers import (
     params_snapshot,
 )
 
-#: the reduced training run of the behaviour tests (the full default runs 1,000 steps)
+#: the reduced training run of the behaviour tests (the default runs 600 steps)
 TEST_CONFIG = {"steps": 60, "n_eval": 0, "checkpoint_every": 30}
-TINY_CONFIG = {"steps": 3, "batch_size": 2, "n_eval": 0}
 
 # Words of the demo vocabulary (anything else reads as <unk>).
 REQUESTS = [EditRequest("The capital of {} is", "France", "Rome", "Paris"),
@@ -71,7 +70,7 @@ def test_condition_reads_old_answer_new_answer_and_prompt():
 
 def test_ke_edits_every_family_as_low_rank_deltas_and_reverts_exactly(tiny_handle, tmp_path, monkeypatch):
     monkeypatch.setenv("EDITSCOPE_EDITORS", str(tmp_path))
-    folder, _ = train_editor(tiny_handle, "KE", TINY_CONFIG)
+    folder, _ = train_editor(tiny_handle, "KE", TRAINERS["KE"].quick)
     before = params_snapshot(tiny_handle)
     names = mlp_weight_names(tiny_handle, default_edit_layers(tiny_handle.n_layers))
     edit = get_method("KE").apply(tiny_handle, REQUESTS, {"checkpoint": str(folder)})

@@ -14,7 +14,7 @@ from editing.methods.mend import GradientTransform, RunningMoments
 from editing.request import EditRequest
 from editing.scoring import score_targets, top_predictions
 from editing.session import EditSession
-from editing.train import edit_records, train_editor
+from editing.train import TRAINERS, edit_records, train_editor
 from tests.helpers import (
     assert_params_equal,
     assert_saved_deltas_round_trip,
@@ -22,9 +22,8 @@ from tests.helpers import (
     params_snapshot,
 )
 
-#: the reduced training run of the behaviour tests (the full default runs 2,000 steps)
+#: the reduced training run of the behaviour tests (the default runs 600 steps)
 TEST_CONFIG = {"steps": 60, "n_eval": 0, "checkpoint_every": 30}
-TINY_CONFIG = {"steps": 3, "batch_size": 2, "n_eval": 0}
 
 # Words of the demo vocabulary (anything else reads as <unk>).
 REQUESTS = [EditRequest("The capital of {} is", "France", "Rome", "Paris"),
@@ -59,7 +58,7 @@ def test_running_moments_match_the_batch_statistics():
 
 def test_mend_edits_every_family_as_low_rank_deltas_and_reverts_exactly(tiny_handle, tmp_path, monkeypatch):
     monkeypatch.setenv("EDITSCOPE_EDITORS", str(tmp_path))
-    folder, _ = train_editor(tiny_handle, "MEND", TINY_CONFIG)
+    folder, _ = train_editor(tiny_handle, "MEND", TRAINERS["MEND"].quick)
     before = params_snapshot(tiny_handle)
     batch = target_batch(tiny_handle, [(r.text, r.target_new) for r in REQUESTS])
     nll_before = [s.mean_nll for s in score_targets(tiny_handle, [r.text for r in REQUESTS],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.edit import ParamDelta, WeightDelta, handle_stack, load_edit
+from editing.edit import ParamDelta, WeightDelta, handle_stack
 from editing.methods import get_method
 from editing.methods.tpatcher import TPatch, TPatcherHParams, count_patch_neurons
 from editing.patching import edits_changing_mlp_input, statement_inputs
@@ -16,6 +16,7 @@ from editing.train import edit_records
 from tests.helpers import (
     agreement,
     assert_params_equal,
+    assert_patch_changes_reverts_and_reloads,
     hit_rate,
     logits,
     neighbours,
@@ -36,15 +37,7 @@ def test_patch_on_every_family_is_finite_and_reverts_exactly(tiny_handle, tmp_pa
     assert edit.n_neurons == 2 and edit.keys.shape == (2, tiny_handle.d_model)
     assert edit.values.shape == (2, tiny_handle.d_model) and edit.biases.shape == (2,)
     assert all(torch.isfinite(t).all() for t in edit.tensors().values())
-    out_edited = logits(tiny_handle)
-    assert not torch.equal(out_edited, out_before)
-    edit.revert(tiny_handle)
-    assert torch.equal(logits(tiny_handle), out_before)
-    assert_params_equal(tiny_handle, before)
-    loaded = load_edit(edit.save(tmp_path / "tpatch"))
-    loaded.apply(tiny_handle)
-    assert torch.equal(logits(tiny_handle), out_edited)
-    loaded.revert(tiny_handle)
+    assert_patch_changes_reverts_and_reloads(tiny_handle, edit, before, out_before, tmp_path / "tpatch")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,12 +22,15 @@ from editing.methods import EditMethod, HParams, available_methods, get_method
 from editing.request import EditRequest
 from editing.session import EditSession
 from editing.tiny import tiny_model
+from tests import helpers
 from tests.helpers import assert_params_equal, params_snapshot
 from tests.reliability.common import few_steps, run_hparams
 
 ROOT = Path(__file__).resolve().parents[2]
 REQ = EditRequest("The capital of {} is", "France", "Berlin", "Paris")
 METHODS = available_methods()
+#: the low-rank deltas these tests push (small files, see the size-limited writes)
+random_delta = partial(helpers.random_delta, rank=2, request=REQ)
 
 
 def logits(handle, text: str = "The capital of France is") -> torch.Tensor:
@@ -39,18 +43,6 @@ def big_delta(handle) -> WeightDelta:
     deltas = {handle.arch.mlp_out_name(layer) + ".weight": ParamDelta(dense=torch.full(
         tuple(handle.parameter(handle.arch.mlp_out_name(layer) + ".weight").shape), 1e-3)) for layer in (1, 2, 3)}
     return WeightDelta(method="test", requests=[REQ], hparams={}, deltas=deltas)
-
-
-def random_delta(handle, layer: int = 1, seed: int = 0, rank: int | None = 2, scale: float = 0.1) -> WeightDelta:
-    name = handle.arch.mlp_out_name(layer) + ".weight"
-    shape = handle.parameter(name).shape
-    gen = torch.Generator().manual_seed(seed)
-    if rank is None:
-        delta = ParamDelta(dense=scale * torch.randn(shape, generator=gen))
-    else:
-        delta = ParamDelta.low_rank(scale * torch.randn(shape[0], rank, generator=gen),
-                                    torch.randn(rank, shape[1], generator=gen))
-    return WeightDelta(method="test", requests=[REQ], hparams={}, deltas={name: delta})
 
 
 # -- test-only methods (never registered: other tests list the registry) -------------------------

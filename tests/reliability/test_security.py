@@ -9,20 +9,23 @@ import pickle
 import random
 import re
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from editing import safety
-from editing.edit import EditError, ParamDelta, WeightDelta, load_edit
+from editing.edit import EditError, load_edit
 from editing.models import load_model
 from editing.request import EditRequest
 from editing.session import EditSession
 from editing.tiny import tiny_model
+from tests.helpers import random_delta
 
 ROOT = Path(__file__).resolve().parents[2]
 REQ = EditRequest("The capital of {} is", "France", "Lyon", "Paris")
+small_delta = partial(random_delta, request=REQ)  # dense, on layer 1's MLP output weight
 
 
 class _Payload:
@@ -37,13 +40,6 @@ class _Payload:
 
 def write_pickle_payload(path: Path, marker: Path) -> None:
     path.write_bytes(pickle.dumps(_Payload(marker)))
-
-
-def small_delta(handle, seed: int = 0) -> WeightDelta:
-    name = handle.arch.mlp_out_name(1) + ".weight"
-    gen = torch.Generator().manual_seed(seed)
-    delta = ParamDelta(dense=0.1 * torch.randn(handle.parameter(name).shape, generator=gen))
-    return WeightDelta(method="test", requests=[REQ], hparams={}, deltas={name: delta})
 
 
 def logits(handle, text: str = "The capital of France is") -> torch.Tensor:
