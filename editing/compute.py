@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -148,6 +148,15 @@ class ValueHParams:
     early_stop_loss: float = 5e-2
     kl_prompt: str = "{} is a"
     fact_token: str = "subject_last"  # where δ is added (see lookup_position)
+
+    @classmethod
+    def of(cls, hparams: Any) -> ValueHParams:
+        """The settings named in a method's hyper-parameters the reference's way (ROME, MEMIT,
+        AlphaEdit: ``v_num_grad_steps``, ``v_lr``, ``v_weight_decay``, ``kl_factor``,
+        ``clamp_norm_factor``, ``fact_token``)."""
+        return cls(steps=hparams.v_num_grad_steps, lr=hparams.v_lr, weight_decay=hparams.v_weight_decay,
+                   kl_factor=hparams.kl_factor, clamp_norm_factor=hparams.clamp_norm_factor,
+                   fact_token=hparams.fact_token)
 
 
 @dataclass

@@ -108,11 +108,6 @@ class MEMITHyperParams(HParams):
             return cls(**preset)
         return cls(layers=memit_layers(handle.n_layers), **shallow_settings(handle))
 
-    def value_hparams(self) -> ValueHParams:
-        return ValueHParams(steps=self.v_num_grad_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-                            kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
-                            fact_token=self.fact_token)
-
 
 @dataclass
 class MemitUpdate:
@@ -168,7 +163,7 @@ def compute_memit_update(handle: ModelHandle, requests: list[EditRequest], hpara
                                                      progress=lambda f, m: progress(0.2 * f, m))
         solver = memit_solver(handle, second_moments_by_layer, hp.mom2_update_weight)
     flat = [t for group in context_templates for t in group]
-    values = optimise_values(handle, requests, layers[-1], "block", flat, hp.value_hparams(),
+    values = optimise_values(handle, requests, layers[-1], "block", flat, ValueHParams.of(hp),
                              progress=lambda f, m: progress(0.2 + 0.6 * f, f"{method}: {m}"))
     spread = spread_residuals(handle, requests, layers, values.target, context_templates, solver, method,
                               progress=lambda f, m: progress(0.8 + 0.2 * f, m), keys_after=keys_after,

@@ -105,11 +105,6 @@ class ROMEHyperParams(HParams):
             return cls(layer=0, fact_token="last")
         return cls(layer=scaled_layer(handle.n_layers, ROME_DEPTH_FRACTION))
 
-    def value_hparams(self) -> ValueHParams:
-        return ValueHParams(steps=self.v_num_grad_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-                            kl_factor=self.kl_factor, clamp_norm_factor=self.clamp_norm_factor,
-                            fact_token=self.fact_token)
-
 
 @dataclass
 class RomeUpdate:
@@ -173,7 +168,7 @@ def compute_rome_updates(handle: ModelHandle, requests: list[EditRequest], hpara
     else:
         u = k_star.clone()
     u = u / u.norm(dim=1, keepdim=True)
-    values = optimise_values(handle, requests, layer, "mlp", context_templates, hp.value_hparams(),
+    values = optimise_values(handle, requests, layer, "mlp", context_templates, ValueHParams.of(hp),
                              progress=lambda f, m: progress(0.3 + 0.65 * f, m))
     # The bare prompt's key and current output: the update then maps exactly k_bare -> v*.
     k_bare, v_current = mlp_key_value(handle, layer, [r.prompt for r in requests], [r.subject for r in requests],
