@@ -441,10 +441,11 @@ def _mib(n_bytes: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # Time to first result in the Playground
 # ---------------------------------------------------------------------------------------------
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = "/usr/bin/chromium"  # Debian's package: playwright cannot download browsers here
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -482,11 +483,13 @@ def server_unavailable_reason() -> str | None:
     return None
 
 
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"  # a Streamlit page done running
 RESULT = ".st-key-pg_edit_result"  # the Playground's result panel
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, deadline: float) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, deadline: float) -> None:
+    """Return once the Streamlit server at ``url`` answers its health check; raise
+    ``RuntimeError`` if it exits first, ``TimeoutError`` after ``deadline`` (``perf_counter``)."""
     import urllib.request
 
     while True:
@@ -521,7 +524,7 @@ def bench_time_to_first_result(timeout_s: float = 240.0, method: str | None = "R
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     timeout_ms = int(timeout_s * 1000)
     result: dict[str, Any] = {"status": "error"}
@@ -529,7 +532,7 @@ def bench_time_to_first_result(timeout_s: float = 240.0, method: str | None = "R
         started = time.perf_counter()
         proc = stack.enter_context(streamlit_server(port, {"EDITSCOPE_RUN_STORE": str(Path(tmp) / "runs.sqlite")}))
         try:
-            _wait_healthy(url, proc, started + timeout_s)
+            wait_healthy(url, proc, started + timeout_s)
             result["server_up_s"] = time.perf_counter() - started
             pw = stack.enter_context(sync_playwright())
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,

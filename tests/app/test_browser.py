@@ -9,30 +9,22 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from eval import bench
 from tests.app.conftest import APP, ROOT, preferred_method
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(bench.CHROMIUM)
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 LONG = 300_000  # ms: edits and first loads on a busy CPU
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +34,7 @@ def server(tmp_path_factory, demo_handle):
         pytest.skip(f"Chromium is not installed at {CHROMIUM} (`make browser` installs Debian's chromium)")
     pytest.importorskip("playwright.sync_api")
     folder = tmp_path_factory.mktemp("server")
-    port = _free_port()
+    port = bench.free_port()
     env = {**os.environ, "EDITSCOPE_DIAGNOSTICS": "1", "EDITSCOPE_RUN_STORE": str(folder / "runs.sqlite")}
     log = open(folder / "server.log", "w")  # closed at teardown
     process = subprocess.Popen(
@@ -50,18 +42,11 @@ def server(tmp_path_factory, demo_handle):
          "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            log.close()
-            pytest.fail(f"the app did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
+    try:
+        bench.wait_healthy(url, process, time.perf_counter() + 120)
+    except (RuntimeError, TimeoutError):
+        log.close()
+        pytest.fail(f"the app did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
     yield url
     process.terminate()
     try:
@@ -97,7 +82,7 @@ def shots(tmp_path):
 def _open(browser, url: str):
     page = browser.new_context(viewport={"width": 1500, "height": 1100}).new_page()
     page.goto(url, timeout=LONG)
-    page.wait_for_selector(IDLE, timeout=LONG)
+    page.wait_for_selector(bench.IDLE, timeout=LONG)
     page.get_by_text("Apply edit").first.wait_for(timeout=LONG)
     return page
 
@@ -106,7 +91,7 @@ def _go(page, title: str) -> None:
     """Switch page with the sidebar's navigation (a link keeps the session; a new URL would not)."""
     page.locator("[data-testid='stSidebarNavLink']", has_text=title).click()
     page.get_by_role("heading", name=title).first.wait_for(timeout=LONG)
-    page.wait_for_selector(IDLE, timeout=LONG)
+    page.wait_for_selector(bench.IDLE, timeout=LONG)
 
 
 def _fill(page, label: str, value: str) -> None:
@@ -119,7 +104,7 @@ def _pick_method(page, method: str) -> None:
     if method not in box.inner_text():
         box.click()
         page.get_by_role("option", name=method, exact=True).click()
-        page.wait_for_selector(IDLE, timeout=LONG)
+        page.wait_for_selector(bench.IDLE, timeout=LONG)
 
 
 def test_two_browser_sessions_edit_at_once_and_every_page_renders(server, browser, shots, demo_handle):
@@ -139,7 +124,7 @@ def test_two_browser_sessions_edit_at_once_and_every_page_renders(server, browse
     _fill(bob, "Expected answer", "France")
     bob.get_by_role("button", name="Add probe", exact=True).click()
     bob.get_by_text("Your probes are added to every edit").wait_for(timeout=LONG)
-    bob.wait_for_selector(IDLE, timeout=LONG)
+    bob.wait_for_selector(bench.IDLE, timeout=LONG)
     # Both apply at the same time: the server computes the two edits concurrently on one shared model.
     alice.get_by_role("button", name="Apply edit", exact=True).click()
     bob.get_by_role("button", name="Apply edit", exact=True).click()
@@ -147,8 +132,8 @@ def test_two_browser_sessions_edit_at_once_and_every_page_renders(server, browse
     bob_result = bob.locator(".st-key-pg_edit_result")
     alice_result.wait_for(timeout=LONG)
     bob_result.wait_for(timeout=LONG)
-    alice.wait_for_selector(IDLE, timeout=LONG)
-    bob.wait_for_selector(IDLE, timeout=LONG)
+    alice.wait_for_selector(bench.IDLE, timeout=LONG)
+    bob.wait_for_selector(bench.IDLE, timeout=LONG)
     assert "after: Italy" in alice_result.inner_text()
     assert "Before the edit: Tokyo" in bob_result.inner_text() and "after: Berlin" in bob_result.inner_text()
     # Bob's probe of Alice's fact is still France with his edit: he never sees her edit.
@@ -186,7 +171,7 @@ def test_two_browser_sessions_edit_at_once_and_every_page_renders(server, browse
     caption.wait_for(timeout=60_000)
     selected = int(caption.inner_text().split()[0])
     assert 1 <= selected < total
-    alice.wait_for_selector(IDLE, timeout=LONG)
+    alice.wait_for_selector(bench.IDLE, timeout=LONG)
     alice.screenshot(path=str(shots / "2b-scope-map-selection.png"), full_page=True)
 
     _go(alice, "Compare methods")  # the comparison itself is run by the AppTest tests
@@ -199,7 +184,7 @@ def test_two_browser_sessions_edit_at_once_and_every_page_renders(server, browse
     _fill(alice, "Noise samples", "3")
     alice.get_by_role("button", name="Trace", exact=True).click()
     alice.locator(".js-plotly-plot").first.wait_for(timeout=LONG)
-    alice.wait_for_selector(IDLE, timeout=LONG)
+    alice.wait_for_selector(bench.IDLE, timeout=LONG)
     assert "→ France" in alice.inner_text("body")
     alice.screenshot(path=str(shots / "5-locate.png"), full_page=True)
     assert len(list(shots.iterdir())) == 7
