@@ -68,8 +68,20 @@ class FactBase:
     def object_of(self, subject: str, relation: str) -> str | None:
         return self._index.get((subject, relation))
 
+    @cached_property
+    def _by_relation(self) -> dict[str, list[Fact]]:
+        grouped: dict[str, list[Fact]] = {}
+        for fact in self.facts:
+            grouped.setdefault(fact.relation, []).append(fact)
+        return grouped
+
     def facts_of(self, relation: str) -> list[Fact]:
-        return [f for f in self.facts if f.relation == relation]
+        """The relation's facts, in fact-base order."""
+        return list(self._by_relation.get(relation, []))
+
+    def objects_of(self, relation: str) -> list[str]:
+        """The relation's distinct objects, in the order they first occur."""
+        return list(dict.fromkeys(f.object for f in self._by_relation.get(relation, [])))
 
     def facts_about(self, subject: str) -> list[Fact]:
         return [f for f in self.facts if f.subject == subject]

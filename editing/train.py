@@ -64,17 +64,12 @@ def _edit_records(split: str, factbase: FactBase, seed: int, n_locality: int) ->
     rng = random.Random(seed)
     subjects = factbase.subjects
     heldout_subjects = set(subjects[4::5])
-    objects_by_relation: dict[str, list[str]] = {}
-    for fact in factbase.facts:
-        objects_by_relation.setdefault(fact.relation, [])
-        if fact.object not in objects_by_relation[fact.relation]:
-            objects_by_relation[fact.relation].append(fact.object)
     records = []
     for fact in factbase.facts:
         if (fact.subject in heldout_subjects) != (split == "heldout"):
             continue
         relation = factbase.relations[fact.relation]
-        candidates = [o for o in objects_by_relation[fact.relation] if o != fact.object]
+        candidates = [o for o in factbase.objects_of(fact.relation) if o != fact.object]
         if not candidates:
             continue
         new_object = rng.choice(candidates)

@@ -86,14 +86,9 @@ def example_facts(factbase: FactBase | None = None) -> list[Example]:
     the same relation in alphabetical order (deterministic, and always a word the demo model knows).
     """
     factbase = factbase or load_factbase()
-    objects: dict[str, list[str]] = {}
-    for fact in factbase.facts:
-        objects.setdefault(fact.relation, [])
-        if fact.object not in objects[fact.relation]:
-            objects[fact.relation].append(fact.object)
     examples = []
     for fact in factbase.facts:
-        candidates = sorted(objects[fact.relation])
+        candidates = sorted(factbase.objects_of(fact.relation))
         if len(candidates) < 2:
             continue
         new = candidates[(candidates.index(fact.object) + 1) % len(candidates)]

@@ -74,16 +74,13 @@ class PoolFact:
 def build_pool(factbase: FactBase, seed: int = 0, n_neighbours: int = 2) -> list[PoolFact]:
     """The demonstration pool: every training-split edit record, with same-relation neighbours."""
     rng = random.Random(seed)
-    by_relation: dict[str, list] = {}
-    for fact in factbase.facts:
-        by_relation.setdefault(fact.relation, []).append(fact)
     pool = []
     for record in edit_records("train", factbase, seed=seed):
         request = record.request
         relation = relation_of(request, factbase)
         if relation is None:
             continue
-        others = [f for f in by_relation[relation.id] if f.subject != request.subject]
+        others = [f for f in factbase.facts_of(relation.id) if f.subject != request.subject]
         neighbours = []
         for other in rng.sample(others, min(n_neighbours, len(others))):
             template = rng.choice(relation.train_templates)

@@ -278,17 +278,12 @@ def counterfactual_examples(handle: ModelHandle, records: list[EditRecord], fact
     ignores the context on unseen edits; with it, only reading the edit from the context works.
     """
     rng = random.Random(f"{seed}-targets")
-    objects: dict[str, list[str]] = {}
-    for fact in factbase.facts:
-        objects.setdefault(fact.relation, [])
-        if fact.object not in objects[fact.relation]:
-            objects[fact.relation].append(fact.object)
     tok = handle.tokenizer
     out = []
     for record in records:
         request = record.request
         relation = relation_of(request, factbase)
-        candidates = [o for o in objects.get(relation.id if relation else "", [])
+        candidates = [o for o in (factbase.objects_of(relation.id) if relation else [])
                       if o not in (request.target_new, request.target_true)]
         targets = [request.target_new, *rng.sample(candidates, min(targets_per_query - 1, len(candidates)))]
         for target in targets:
