@@ -40,6 +40,10 @@ class HParams:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self, handle: ModelHandle) -> None:
+        """Raise ``ValueError`` with an actionable message when a setting cannot work on
+        ``handle``'s model (called by :meth:`EditMethod.apply` before any work; default: no check)."""
+
     def replace(self: H, **changes: Any) -> H:
         """A copy with some fields changed; unknown names are an error."""
         known = {f.name for f in dataclasses.fields(self)}
@@ -120,6 +124,7 @@ class EditMethod(ABC):
             raise InvalidEditRequest("No edit requests given.")
         check_fits_context(handle, requests)
         params = self.resolve_hparams(handle, hparams)
+        params.validate(handle)
         problem = self.readiness(handle, params)
         if problem is not None:
             raise EditError(problem)

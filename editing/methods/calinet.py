@@ -174,7 +174,6 @@ class CaliNET(EditMethod):
     def _execute(self, handle: ModelHandle, requests: list[EditRequest], hparams: HParams,
                  progress: ProgressFn) -> Edit:
         assert isinstance(hparams, CaliNETHParams)
-        hparams.validate(handle)
         generator = torch.Generator().manual_seed(hparams.seed)
         pairs = [(prompt, r.target_new) for r in requests
                  for prompt in training_prompts(r, hparams.n_templates, hparams.seed)]

@@ -248,7 +248,6 @@ class _FineTuneBase(EditMethod):
     def _execute(self, handle: ModelHandle, requests: list[EditRequest], hparams: HParams,
                  progress: ProgressFn) -> Edit:
         assert isinstance(hparams, FTHParams)
-        hparams.validate(handle)
         names = tuned_parameter_names(handle, hparams)
         params = {name: handle.parameter(name) for name in names}
         # float32 copies of the current weights: the optimiser works in float32 whatever the

@@ -253,7 +253,6 @@ class GRACE(EditMethod):
     def _execute(self, handle: ModelHandle, requests: list[EditRequest], hparams: HParams,
                  progress: ProgressFn) -> Edit:
         assert isinstance(hparams, GRACEHParams)
-        hparams.validate(handle)
         torch.manual_seed(hparams.seed)
         eps_init = hparams.eps_init
         if eps_init is None:

@@ -235,7 +235,6 @@ class KN(EditMethod):
     def _execute(self, handle: ModelHandle, requests: list[EditRequest], hparams: HParams,
                  progress: ProgressFn) -> Edit:
         assert isinstance(hparams, KNHParams)
-        hparams.validate(handle)
         arch, tok = handle.arch, handle.tokenizer
         layers = [int(layer) for layer in hparams.layers]
         unembed = handle.module(arch.lm_head).weight.detach().float()  # (vocab, d_model)

@@ -188,7 +188,6 @@ class TPatcher(EditMethod):
     def _execute(self, handle: ModelHandle, requests: list[EditRequest], hparams: HParams,
                  progress: ProgressFn) -> Edit:
         assert isinstance(hparams, TPatcherHParams)
-        hparams.validate(handle)
         torch.manual_seed(hparams.seed)
         mlp_name = handle.arch.mlp_name(hparams.layer)
         progress(0.0, "T-Patcher: reading the memory set")
