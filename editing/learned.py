@@ -673,15 +673,12 @@ class TrainedEditorMixin:
         return editor.to(handle.device), folder
 
     def checkpoint_folder(self, handle: ModelHandle, hparams: Any) -> Path:
-        """The folder of the editor to use for ``hparams`` (after :meth:`readiness` passed)."""
+        """The folder of the editor ``hparams`` choose; ``EditMethod.apply`` has already checked it
+        with :meth:`readiness`, so a chosen folder is not read again here."""
         chosen = chosen_checkpoint(hparams)
         if chosen:
-            folder = Path(chosen)
-            problem = checkpoint_problem(handle, self.name, folder, self.finished_files)
-        else:
-            found = trained_checkpoint(handle, self.name)
-            folder = found if found is not None else Path()
-            problem = None if found is not None else self.readiness(handle)
-        if problem:
-            raise EditError(problem)
-        return folder
+            return Path(chosen)
+        found = trained_checkpoint(handle, self.name)
+        if found is None:
+            raise EditError(self.readiness(handle) or f"{self.name} has no trained editor for this model.")
+        return found
