@@ -518,6 +518,9 @@ def _accuracy(handle: ModelHandle, prompts: Sequence[str], target: str) -> float
     return sum(s.accuracy for s in scores) / max(1, len(scores))
 
 
+#: the few-step training of MEND and KE (their trainers' ``quick`` config): an editor that runs
+QUICK_TRAINING: dict[str, Any] = {"steps": 3, "batch_size": 2, "n_eval": 0}
+
 #: a gradient-based editor's training objective on one batch: (the batch's edit records, their
 #: tokenised batch, the gradient factors at the edited weights) -> (loss, figures to log)
 EditorObjective = Callable[[Sequence["EditRecord"], RecordBatch, dict[str, GradientFactors]],

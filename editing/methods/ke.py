@@ -34,6 +34,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from editing.edit import Edit, WeightDelta
 from editing.learned import (
+    QUICK_TRAINING,
     GradientFactors,
     LowRankShift,
     RecordBatch,
@@ -223,7 +224,7 @@ def train(handle: ModelHandle, config: dict[str, Any], folder: Path, progress: P
                                  lr_at=lr_warmup_linear(warmup, config["steps"]))
 
 
-register_trainer(Trainer(NAME, default_config, train, quick={"steps": 3, "batch_size": 2, "n_eval": 0}))
+register_trainer(Trainer(NAME, default_config, train, quick=QUICK_TRAINING))
 
 
 # ---------------------------------------------------------------------------------------------

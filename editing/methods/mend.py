@@ -31,6 +31,7 @@ from torch import nn
 
 from editing.edit import Edit, WeightDelta
 from editing.learned import (
+    QUICK_TRAINING,
     GradientFactors,
     LowRankShift,
     RecordBatch,
@@ -228,7 +229,7 @@ def train(handle: ModelHandle, config: dict[str, Any], folder: Path, progress: P
     return result
 
 
-register_trainer(Trainer(NAME, default_config, train, quick={"steps": 3, "batch_size": 2, "n_eval": 0}))
+register_trainer(Trainer(NAME, default_config, train, quick=QUICK_TRAINING))
 
 
 # ---------------------------------------------------------------------------------------------
