@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from editing.edit import EditError, ParamDelta
+from editing.files import atomic_path, atomic_write_text
 from editing.scoring import check_length, score_targets
 from editing.tokens import encode, pad_batch, pad_id, target_ids
 from editing.train import checkpoint_config, checkpoint_problem, trained_checkpoint, training_records
@@ -403,9 +404,8 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomic safetensors write (a crash never leaves a half-written file under ``path``)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -450,9 +450,7 @@ def train_loop(editor: nn.Module, optimizer: torch.optim.Optimizer, step_fn: Ste
         save_tensors(folder / STATE_TENSORS, tensors, metadata={"step": str(step)})
         meta = {"step": step, "param_groups": groups, "history": history,
                 "train_seconds": elapsed_before + time.perf_counter() - began}
-        tmp = folder / (STATE_META + ".tmp")
-        tmp.write_text(json.dumps(meta))
-        tmp.replace(folder / STATE_META)
+        atomic_write_text(folder / STATE_META, json.dumps(meta))
 
     editor.train()
     running: dict[str, float] = {}

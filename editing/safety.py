@@ -33,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from editing.files import atomic_write_bytes
 from editing.paths import DATA_DIR, cache_dir
 
 MIB = 1024 * 1024
@@ -162,19 +163,8 @@ def save_upload(data: bytes | BinaryIO, filename: str, folder: Path | None = Non
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{hashlib.sha256(raw).hexdigest()[:12]}-{name}"
     if not target.exists():
-        _atomic_write(target, raw)
+        atomic_write_bytes(target, raw)
     return target
-
-
-def _atomic_write(target: Path, raw: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- archives ----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from editing.factbase import FactBase, load_factbase
+from editing.files import atomic_write_text
 from editing.paths import cache_dir
 from editing.request import EditRequest
 
@@ -186,9 +187,7 @@ def save_editor_meta(folder: Path, handle: ModelHandle, method: str, config: dic
     """Record which model, method and config a checkpoint folder belongs to (checked before use)."""
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"method": method, "model": handle.fingerprint(), "config": config}
-    tmp = folder / (EDITOR_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-    tmp.replace(folder / EDITOR_META)
+    atomic_write_text(folder / EDITOR_META, json.dumps(meta, indent=1, sort_keys=True, default=str))
 
 
 def checkpoint_config(folder: Path) -> dict[str, Any]:
@@ -301,9 +300,7 @@ def train_editor(handle: ModelHandle, method: str, overrides: dict[str, Any] | N
             save_editor_meta(folder, handle, method, config)
             with deterministic_training(int(config.get("seed", 0))):
                 report = trainer.train(handle, config, folder, progress or (lambda _f, _m: None))
-            tmp = folder / (REPORT_FILE + ".tmp")
-            tmp.write_text(json.dumps(report, indent=1, default=str))
-            tmp.replace(folder / REPORT_FILE)
+            atomic_write_text(folder / REPORT_FILE, json.dumps(report, indent=1, default=str))
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
     return folder, report

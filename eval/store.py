@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from editing.files import atomic_write_text
 from editing.paths import cache_dir
 
 SCHEMA = """
@@ -259,7 +260,5 @@ class RunStore:
         else:
             raise ValueError(f"Cannot export to {path.name}: use a .csv or .json file name.")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, text)
         return path

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from editing.edit import InferenceWrapper, Route, register_edit_type
 from editing.embeddings import MINILM_NAME, SentenceEncoder, resolve_encoder_kind, sentence_encoder, top_k_similar
 from editing.factbase import FactBase, load_factbase
+from editing.files import atomic_path
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.patching import relation_of
 from editing.paths import cache_dir
@@ -111,9 +112,8 @@ def pool_with_keys(encoder: SentenceEncoder, seed: int = 0) -> tuple[list[PoolFa
         if keys is None:
             keys = encoder.encode([p.fact for p in pool])
             if encoder.name == MINILM_NAME:
-                tmp = path.with_suffix(".tmp")
-                save_file({"keys": keys.contiguous()}, str(tmp))
-                tmp.replace(path)
+                with atomic_path(path) as tmp:  # test workers and servers may write it at once
+                    save_file({"keys": keys.contiguous()}, str(tmp))
         _POOLS[key] = (pool, keys)
         return pool, keys
 

@@ -47,6 +47,7 @@ from torch import nn
 from editing.edit import EditError, InferenceWrapper, Route, handle_stack, register_edit_type
 from editing.embeddings import SentenceEncoder, resolve_encoder_kind, sentence_encoder
 from editing.factbase import FactBase, load_factbase
+from editing.files import atomic_path, atomic_write_text
 from editing.learned import TrainedEditorMixin
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.patching import relation_of
@@ -248,9 +249,7 @@ def train_classifier(encoder: SentenceEncoder, examples: list[ScopeExample], con
 
 
 def _save_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -407,9 +406,8 @@ def train_serac(handle: ModelHandle, config: dict[str, Any], folder: Path, progr
     else:
         examples = scope_examples(records, factbase, int(config["seed"]), int(config["hard_negatives"]))
         classifier = train_classifier(encoder, examples, config, progress)
-        tmp = folder / (CLASSIFIER_FILE + ".tmp")
-        save_file({k: v.detach().contiguous() for k, v in classifier.state_dict().items()}, str(tmp))
-        tmp.replace(folder / CLASSIFIER_FILE)
+        with atomic_path(folder / CLASSIFIER_FILE) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in classifier.state_dict().items()}, str(tmp))
     train_counterfactual(handle, records, config, folder, progress)
     (folder / COUNTERFACTUAL_DIR / OPTIMIZER_FILE).unlink(missing_ok=True)  # resume state, no longer needed
     progress(0.92, "SERAC: checking on held-out edits")

@@ -53,7 +53,7 @@ def test_write_reopen_export_delete(tmp_path):
     data = json.loads((reopened.export(run_id, tmp_path / "run.json")).read_text())  # strict JSON: NaN → null
     assert data["config"]["method"] == "ROME" and data["summary"][0]["locality"] is None
     assert len(data["probes"]) == 4
-    assert not list(tmp_path.glob("**/*.tmp"))
+    assert not list(tmp_path.glob("**/*.tmp")) and not list(tmp_path.glob("**/.*.part"))  # no temporary files left
     with pytest.raises(ValueError, match=r"\.csv or \.json"):
         reopened.export(run_id, tmp_path / "run.xlsx")
 
