@@ -5,12 +5,39 @@ session's edit stack); the pages in pages/ show and run edits through ``eval/`` 
 """
 
 import os
+import threading
+
+# Idle OpenMP threads sleep instead of spinning: with a background run and an interactive edit
+# sharing few cores, spinning threads made edits up to 7x slower. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import streamlit as st
 
+from editing.concurrency import background_priority, configure_threads
 from ui.sidebar import render_sidebar
 from ui.state import get_state
 from ui.widgets import show_notices
+
+# One intra-op thread per concurrent job (an interactive edit beside one background run).
+configure_threads(concurrent_jobs=2)
+
+
+@st.cache_resource(show_spinner=False)
+def _warm_up_in_background() -> threading.Thread:
+    """Once per server: compile UMAP's numba kernels in a background thread, so the first visit of
+    the Scope map does not pay for it (it took minutes on a busy machine)."""
+    from eval.scope import warm_up_umap
+
+    def warm() -> None:
+        with background_priority():
+            warm_up_umap()
+
+    thread = threading.Thread(target=warm, name="editscope-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+_warm_up_in_background()
 
 st.set_page_config(page_title="EditScope", page_icon=":material/edit_note:", layout="wide")
 

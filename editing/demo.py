@@ -7,17 +7,25 @@ Held-out templates are never trained on; they measure paraphrase generalisation.
 
 The build is deterministic (fixed seeds, a fixed thread count) and cached in the user cache folder under
 a key that hashes the data files, the config and this module's version.
+
+The trained weights are also shipped in ``data/demo-model/`` (9 MB) with the key they were built
+for and the SHA-256 of their parameters: on first use they are unpacked into the cache in about
+a second instead of trained for 4–15 minutes, and every machine edits the very same model (float
+reductions differ between CPUs, so a rebuild elsewhere may differ in the last bits). The shipped
+copy is used only while its key matches the current data and config; otherwise the model is
+trained. ``python -m editing.demo --verify`` retrains and compares with the shipped weights;
+``--ship`` retrains and replaces them.
 """
 
 from __future__ import annotations
 
-import fcntl
+import argparse
 import hashlib
 import json
 import random
 import shutil
+import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,12 +33,17 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from editing.buildonce import ProgressFn, build_once
 from editing.factbase import CORPUS_PATH, FACTBASE_PATH, FactBase, load_corpus, load_factbase
-from editing.paths import cache_dir
+from editing.files import atomic_write_text
+from editing.paths import DATA_DIR, cache_dir
 
 BUILD_VERSION = 1
 TRAIN_THREADS = 2
 EOS, PAD, UNK = "<|endoftext|>", "<pad>", "<unk>"
+#: the trained demo model shipped with the code, and the record of what it was built for
+SHIPPED_DIR = DATA_DIR / "demo-model"
+SHIPPED_RECORD = "build.json"
 
 
 @dataclass(frozen=True)
@@ -56,31 +69,60 @@ def _key(config: DemoConfig, factbase: Path, corpus: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def demo_key(config: DemoConfig | None = None) -> str:
+    """The cache key of the demo model for ``config`` (data files, config and build version)."""
+    return _key(config or DemoConfig(), FACTBASE_PATH, CORPUS_PATH)
+
+
 def demo_model_dir(config: DemoConfig | None = None) -> Path:
     """The cache folder the demo model for ``config`` lives (or will live) in."""
-    config = config or DemoConfig()
-    return cache_dir("models") / f"demo-{_key(config, FACTBASE_PATH, CORPUS_PATH)}"
+    return cache_dir("models") / f"demo-{demo_key(config)}"
 
 
-def ensure_demo_model(config: DemoConfig | None = None,
-                      progress: Callable[[float, str], None] | None = None) -> Path:
-    """Build the demo model unless it is cached; returns its folder (a HF model directory).
+def demo_is_built(config: DemoConfig | None = None) -> bool:
+    """Whether the demo model for ``config`` is in the cache (loading it then takes a second)."""
+    return (demo_model_dir(config) / "report.json").exists()
 
-    A file lock makes concurrent processes wait for one build instead of racing.
+
+def shipped_record() -> dict | None:
+    """What the shipped weights were built for (``key``, ``weights_sha256``, ...), or None."""
+    try:
+        return json.loads((SHIPPED_DIR / SHIPPED_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_demo_model(config: DemoConfig | None = None, progress: ProgressFn | None = None) -> Path:
+    """The demo model's folder (a HF model directory), unpacked or built first unless cached.
+
+    The shipped weights are unpacked when they were built for this key; otherwise the model is
+    trained. Concurrent processes wait for one build (and relay its progress, see
+    :func:`editing.buildonce.build_once`) instead of racing.
     """
     config = config or DemoConfig()
-    target = demo_model_dir(config)
-    if (target / "report.json").exists():
-        return target
-    lock_path = target.with_suffix(".lock")
-    with open(lock_path, "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            if not (target / "report.json").exists():
-                build_demo_model(target, config, progress=progress)
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-    return target
+    key = demo_key(config)
+    record = shipped_record()
+
+    def build(folder: Path, report: ProgressFn) -> None:
+        if record is not None and record.get("key") == key:
+            report(0.5, "unpacking the shipped demo model")
+            for item in SHIPPED_DIR.iterdir():
+                if item.name != SHIPPED_RECORD:
+                    shutil.copy2(item, folder / item.name)
+        else:
+            train_demo_model(folder, config, progress=report)
+
+    return build_once(demo_model_dir(config), build, what="the demo model", marker="report.json", progress=progress)
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's name and exact bytes (tied weights counted once)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 # -- tokenizer ---------------------------------------------------------------------------------
@@ -162,10 +204,13 @@ def first_token_accuracy(model: GPT2LMHeadModel, examples: list[tuple[list[int],
     return correct / max(1, len(examples))
 
 
-def build_demo_model(target: Path, config: DemoConfig = DemoConfig(),
-                     progress: Callable[[float, str], None] | None = None,
+def train_demo_model(folder: Path, config: DemoConfig = DemoConfig(), progress: ProgressFn | None = None,
                      factbase_path: Path = FACTBASE_PATH, corpus_path: Path = CORPUS_PATH) -> dict:
-    """Train the demo model and save it (with ``report.json`` of its accuracy) into ``target``."""
+    """Train the demo model and save it (with ``report.json`` of its accuracy) into ``folder``.
+
+    The folder is written in place: callers that need it to appear whole build into a temporary
+    folder (:func:`ensure_demo_model` does, through :func:`editing.buildonce.build_once`).
+    """
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -224,16 +269,11 @@ def build_demo_model(target: Path, config: DemoConfig = DemoConfig(),
             "config": asdict(config),
             "factbase_digest": factbase.digest,
         }
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "report.json").write_text(json.dumps(report, indent=1))
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-        if progress:
-            progress(1.0, "demo model ready")
+        report["weights_sha256"] = weights_sha256(model)
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        (folder / "report.json").write_text(json.dumps(report, indent=1))  # written last: marks a whole build
         return report
     finally:
         torch.set_num_threads(threads)
@@ -244,7 +284,57 @@ def demo_report(config: DemoConfig | None = None) -> dict:
     return json.loads((ensure_demo_model(config) / "report.json").read_text())
 
 
-if __name__ == "__main__":  # `python -m editing.demo`: build (or find) the demo model and report
-    folder = ensure_demo_model()
-    print(f"demo model: {folder}")
-    print(json.dumps(demo_report(), indent=1))
+def ship_demo_model(config: DemoConfig | None = None) -> dict:
+    """Train the demo model and replace the shipped copy in ``data/demo-model/`` with it."""
+    config = config or DemoConfig()
+    with tempfile.TemporaryDirectory() as tmp:
+        report = train_demo_model(Path(tmp) / "model", config)
+        staging = SHIPPED_DIR.with_name(SHIPPED_DIR.name + ".new")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(Path(tmp) / "model", staging)
+    record = {"key": demo_key(config), "weights_sha256": report["weights_sha256"],
+              "build_seconds": report["build_seconds"], "torch": torch.__version__}
+    atomic_write_text(staging / SHIPPED_RECORD, json.dumps(record, indent=1))
+    shutil.rmtree(SHIPPED_DIR, ignore_errors=True)
+    staging.rename(SHIPPED_DIR)
+    return record
+
+
+def verify_shipped(config: DemoConfig | None = None) -> dict:
+    """Retrain the demo model in a temporary folder and compare it with the shipped weights."""
+    config = config or DemoConfig()
+    record = shipped_record() or {}
+    with tempfile.TemporaryDirectory() as tmp:
+        report = train_demo_model(Path(tmp) / "model", config)
+    return {"shipped_key": record.get("key"), "current_key": demo_key(config),
+            "shipped_sha256": record.get("weights_sha256"), "rebuilt_sha256": report["weights_sha256"],
+            "identical": record.get("weights_sha256") == report["weights_sha256"],
+            "rebuilt_train_accuracy": report["train_first_token_accuracy"],
+            "rebuilt_heldout_accuracy": report["heldout_first_token_accuracy"],
+            "build_seconds": report["build_seconds"]}
+
+
+def _print_progress(fraction: float, message: str) -> None:
+    print(f"[{fraction:4.0%}] {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m editing.demo [--verify | --ship]`: find (unpack or build) the demo model and report."""
+    parser = argparse.ArgumentParser(prog="python -m editing.demo", description=main.__doc__)
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--verify", action="store_true", help="retrain and compare with the shipped weights")
+    action.add_argument("--ship", action="store_true", help="retrain and replace the shipped weights")
+    args = parser.parse_args(argv)
+    if args.verify:
+        print(json.dumps(verify_shipped(), indent=1))
+    elif args.ship:
+        print(json.dumps(ship_demo_model(), indent=1))
+    else:
+        started = time.perf_counter()
+        folder = ensure_demo_model(progress=_print_progress)
+        print(f"demo model: {folder} ({time.perf_counter() - started:.1f} s)")
+        print(json.dumps(demo_report(), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Idle OpenMP threads sleep instead of spinning, so two test workers on two cores do not slow each
+# other down (set before torch loads, as app.py does for the server).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 
@@ -27,9 +31,17 @@ def tiny_handle(request):
 
 @pytest.fixture(scope="session")
 def demo_handle():
-    """The demo model, loaded once per test session (built first if not cached)."""
+    """The demo model, loaded once per test session (and per xdist worker).
+
+    It is never built inside a timed test: the README's test command prepares it first
+    (`python -m editing.prepare`); a missing model fails at once with the command to run.
+    """
+    from editing.demo import demo_is_built, demo_model_dir
     from editing.models import load_model
 
+    if not demo_is_built():
+        pytest.fail(f"The demo model is not in the cache ({demo_model_dir()}). Prepare it before the tests: "
+                    "`python -m editing.prepare` (or `make test`, which runs it).", pytrace=False)
     return load_model("demo")
 
 

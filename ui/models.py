@@ -10,8 +10,10 @@ from __future__ import annotations
 import streamlit as st
 import torch
 
-from editing.demo import demo_model_dir, ensure_demo_model
+from editing.buildonce import BuildFailed
+from editing.demo import weights_sha256
 from editing.models import ModelHandle, load_model
+from editing.prepare import model_is_prepared, prepare_model
 from ui.state import ModelChoice
 
 DEMO = "demo"
@@ -46,11 +48,6 @@ def cached_model_ids() -> list[str]:
     return sorted(repo.repo_id for repo in info.repos if repo.repo_type == "model")
 
 
-def demo_is_built() -> bool:
-    """Whether the demo model is already in the cache (else the first load trains it, ~4 min)."""
-    return (demo_model_dir() / "report.json").exists()
-
-
 @st.cache_resource(show_spinner=False, max_entries=2)
 def _shared_handle(spec: str, device: str, dtype: str) -> ModelHandle:
     return load_model(spec, device=None if device == "auto" else device, dtype=dtype)
@@ -63,14 +60,30 @@ def shared_handle(choice: ModelChoice) -> ModelHandle:
     or ``ValueError`` with a message for the person when the model cannot be loaded.
     """
     dtype = "float32" if resolves_to_cpu(choice.device) else choice.dtype
-    if choice.spec == DEMO and not demo_is_built():
-        with st.status("Building the demo model — first use only, about 4 minutes", expanded=True) as status:
-            bar = st.progress(0.0, text="starting")
-            ensure_demo_model(progress=lambda fraction, message: bar.progress(min(1.0, max(0.0, fraction)),
-                                                                             text=message))
-            status.update(label="Demo model built", state="complete", expanded=False)
+    if not model_is_prepared(choice.spec):
+        _prepare_with_progress(choice.spec)
     with st.spinner(f"Loading {choice.spec}…"):
         return _shared_handle(choice.spec, choice.device, dtype)
+
+
+def _prepare_with_progress(spec: str) -> None:
+    """Build or convert ``spec``'s cached files with a live progress bar (first use only).
+
+    The bar shows the build's own steps, or — while another process (another server, a test
+    run, the CLI) builds the same files — "waiting for another process that is building …" with
+    that build's progress. A failed build shows its error and a Retry button, and stops the page.
+    """
+    with st.status(f"Preparing {spec} — first use only", expanded=True) as status:
+        bar = st.progress(0.0, text=f"preparing {spec}")
+        try:
+            prepare_model(spec, progress=lambda fraction, message: bar.progress(min(1.0, max(0.0, fraction)),
+                                                                                text=message))
+        except BuildFailed as err:
+            status.update(label=f"Preparing {spec} failed", state="error", expanded=True)
+            st.error(str(err))
+            st.button("Retry", key=f"retry_prepare_{spec}", type="primary")  # a click reruns the page
+            st.stop()
+        status.update(label=f"{spec} ready", state="complete", expanded=False)
 
 
 def weights_digest(handle: ModelHandle) -> str:
@@ -79,14 +92,8 @@ def weights_digest(handle: ModelHandle) -> str:
     Two handles loaded from the same files give the same digest; an edit left in the weights
     would change it. Costs one pass over the weights (seconds for billions of parameters).
     """
-    import hashlib
-
-    digest = hashlib.sha256()
-    with handle.lock, torch.no_grad():
-        for name, param in handle.model.named_parameters():
-            digest.update(name.encode())
-            digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    with handle.lock:
+        return weights_sha256(handle.model)
 
 
 def edits_at_rest(handle: ModelHandle) -> int:

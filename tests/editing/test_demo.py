@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import json
 
-from editing.demo import DemoConfig, build_tokenizer, demo_model_dir, ensure_demo_model
+import editing.demo as demo_module
+from editing.demo import (
+    DemoConfig,
+    build_tokenizer,
+    demo_key,
+    demo_model_dir,
+    ensure_demo_model,
+    shipped_record,
+    weights_sha256,
+)
 from editing.factbase import load_corpus, load_factbase
 from editing.scoring import top_predictions
 
@@ -18,6 +27,44 @@ def test_build_is_cached_and_reports_accuracy(demo_handle):
     # a second call finds the cache instead of rebuilding
     mtime = (folder / "report.json").stat().st_mtime
     assert ensure_demo_model() == folder and (folder / "report.json").stat().st_mtime == mtime
+
+
+def test_the_shipped_weights_are_current_and_are_the_ones_loaded(demo_handle):
+    """Every machine edits the same model: the shipped weights were built for today's data and config,
+    and the model the tests load is bit for bit the shipped one."""
+    record = shipped_record()
+    assert record is not None, "data/demo-model/build.json is missing"
+    assert record["key"] == demo_key(), (
+        "the shipped demo model was built for other data or settings: rebuild it with `python -m editing.demo --ship`")
+    assert weights_sha256(demo_handle.model) == record["weights_sha256"], (
+        f"the cached demo model ({demo_model_dir()}) is not the shipped one: delete that folder and run "
+        "`python -m editing.prepare`")
+
+
+def test_an_empty_cache_unpacks_the_shipped_model_without_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITSCOPE_CACHE", str(tmp_path))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the shipped weights should have been unpacked, not retrained")
+
+    monkeypatch.setattr(demo_module, "train_demo_model", no_training)
+    folder = ensure_demo_model()
+    assert folder.is_relative_to(tmp_path) and (folder / "report.json").exists()
+    assert (folder / "model.safetensors").read_bytes() == (demo_module.SHIPPED_DIR / "model.safetensors").read_bytes()
+
+
+def test_other_settings_are_trained_not_unpacked(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITSCOPE_CACHE", str(tmp_path))
+    trained = []
+
+    def fake_training(folder, config, progress=None):
+        trained.append(config)
+        (folder / "report.json").write_text("{}")
+
+    monkeypatch.setattr(demo_module, "train_demo_model", fake_training)
+    other = DemoConfig(steps=3)
+    assert demo_key(other) != demo_key()
+    assert (ensure_demo_model(other) / "report.json").exists() and trained == [other]
 
 
 def test_demo_model_answers_facts(demo_handle):
