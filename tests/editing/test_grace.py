@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from editing.edit import handle_stack
 from editing.methods import get_method
 from editing.methods.grace import GRACEHParams, GracePatch, active_grace_edits, count_codebook_entries, merged_codebook
+from editing.patching import module_inputs
 from editing.request import EditRequest
 from editing.session import EditSession
 from editing.train import edit_records
@@ -75,21 +77,39 @@ def test_same_input_relabelled_retires_the_old_entry_until_undone(demo):
 
 
 def test_conflicting_neighbours_split_and_same_labels_expand(demo):
-    """Two close queries with different labels split the radius; a close query with the same label
-    expands the existing entry instead of adding one (the paper's Algorithm 1)."""
+    """A close query with the same label expands the existing entry instead of adding one; a close
+    query with another label splits the radius (the paper's Algorithm 1).
+
+    The situation is constructed, not left to one model's hidden-state distances: ε_init is set from
+    the measured distances between the three queries' keys, so "close" holds on any build of the model.
+    """
+    first_prompt, same_label, other_label = ("The capital of {} is", "{}'s capital is", "The capital city of {} is")
+    prompts = [p.replace("{}", "France") for p in (first_prompt, same_label, other_label)]
+    layer = GRACEHParams.for_model(demo).layer
+    keys = module_inputs(demo, demo.arch.mlp_out_name(layer), prompts, last_only=True).double()
+    to_first = (keys[1:] - keys[0]).norm(dim=-1)
+    assert bool((to_first > 0).all()), "the three prompts must give three different keys"
+    eps = float(to_first.max()) * 1.01  # both later queries lie within ε_init of the first key
     session = EditSession(demo)
-    first = session.apply("GRACE", EditRequest("The capital of {} is", "France", "Tokyo", "Paris"))
+    first = session.apply("GRACE", EditRequest(first_prompt, "France", "Tokyo", "Paris"), {"eps_init": eps})
     radius = float(first.radii[0])
-    split = session.apply("GRACE", EditRequest("The capital city of {} is", "France", "Cairo", "Paris"))
-    expand = session.apply("GRACE", EditRequest("{}'s capital is", "France", "Tokyo", "Paris"))
-    assert split.info["actions"] == ["split"] and split.n_entries == 1
+    expand = session.apply("GRACE", EditRequest(same_label, "France", "Tokyo", "Paris"), {"eps_init": eps})
+    split = session.apply("GRACE", EditRequest(other_label, "France", "Cairo", "Paris"), {"eps_init": eps})
     assert expand.info["actions"] == ["expand"] and expand.n_entries == 0
+    assert split.info["actions"] == ["split"] and split.n_entries == 1
     with session.active():
         book = merged_codebook(active_grace_edits(demo, first.layer))
         assert len(book) == 2 and count_codebook_entries(session.edits) == 2
-        assert float(book.radii[1]) < radius  # split to half the distance between the keys
-        assert hit_rate(demo, [("The capital of France is", "Tokyo"), ("The capital city of France is", "Cairo"),
-                               ("France's capital is", "Tokyo")]) == 1.0
+        # split: both radii become half the distance between the two keys, below ε_init
+        half = float(to_first[1]) / 2
+        assert float(book.radii[1]) == pytest.approx(half, rel=1e-3) and float(book.radii[1]) < radius
+        assert float(book.radii[0]) == pytest.approx(half, rel=1e-3)
+        assert hit_rate(demo, [(prompts[0], "Tokyo"), (prompts[2], "Cairo")]) == 1.0
+    session.undo()  # without the split, the expanded entry covers the same-label query
+    with session.active():
+        book = merged_codebook(active_grace_edits(demo, first.layer))
+        assert len(book) == 1 and float(book.radii[0]) >= float(to_first[0])
+        assert hit_rate(demo, [(prompts[0], "Tokyo"), (prompts[1], "Tokyo")]) == 1.0
     assert float(first.radii[0]) == radius  # earlier edits are never mutated
 
 
