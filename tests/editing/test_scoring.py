@@ -52,12 +52,31 @@ def test_top_predictions_sorted_probabilities():
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
 
 
-def test_generate_is_greedy_and_batched():
-    handle = tiny_model("gpt2")
+def _greedy_without_cache(handle, prompt: str, n: int) -> str:
+    ids, new = encode(handle.tokenizer, prompt), []
+    for _ in range(n):
+        logits = handle.model(input_ids=torch.tensor([ids + new])).logits
+        token = int(logits[0, -1].argmax())
+        if token == handle.tokenizer.eos_token_id:
+            break
+        new.append(token)
+    return handle.tokenizer.decode(new).strip()
+
+
+def test_cached_generation_equals_greedy_decoding_of_the_whole_prefix(tiny_handle):
+    """The key/value-cached loop gives what recomputing the prefix each step gives, also with a
+    per-position hook in the model (as module-patch edits add)."""
     prompts = ["The capital of France is", "Paris is"]
-    batched = generate(handle, prompts, max_new_tokens=3)
-    single = [generate(handle, [p], max_new_tokens=3)[0] for p in prompts]
-    assert batched == single
+    got = generate(tiny_handle, prompts, max_new_tokens=5)
+    assert got == [_greedy_without_cache(tiny_handle, p, 5) for p in prompts]
+    shift = torch.randn(tiny_handle.d_model, generator=torch.Generator().manual_seed(0))
+    module = tiny_handle.module(tiny_handle.arch.mlp_out_name(0))
+    hook = module.register_forward_hook(lambda _m, _a, output: output + shift)
+    try:
+        hooked = generate(tiny_handle, prompts, max_new_tokens=5)
+        assert hooked == [_greedy_without_cache(tiny_handle, p, 5) for p in prompts]
+    finally:
+        hook.remove()
 
 
 def test_too_long_prompt_raises_clear_error():
