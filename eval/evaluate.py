@@ -19,7 +19,7 @@ from editing.factbase import FactBase, load_corpus, load_factbase
 from editing.request import EditRequest
 from editing.scoring import generate_routed, score_routes
 from editing.session import EditSession
-from eval.metrics import agreement, fluency, per_token_prob, summarize, tfidf_similarity
+from eval.metrics import agreement, fluency, generation_contains, per_token_prob, summarize, tfidf_similarity
 from eval.probes import Probe, ProbeSet, probes_for_requests
 
 NAN = float("nan")
@@ -33,6 +33,11 @@ TABLE_COLUMNS = ("probe_id", "kind", "subkind", "prompt", "answer", "pred_before
 EXTRA_COLUMNS = ("in_scope", "subject", "request_index", "source", "contrast", "agreement", "pcf_answer_before",
                  "pcf_answer_after", "pcf_contrast_before", "pcf_contrast_after", "pred_prob_before",
                  "pred_prob_after", "routed_by")
+#: columns :func:`with_generations` adds when probes are also judged by greedy generation
+GENERATION_COLUMNS = ("gen_before", "gen_after", "gen_hit_before", "gen_hit_after", "gen_contrast_before",
+                      "gen_contrast_after")
+#: the probe kinds judged by generation unless told otherwise
+GENERATION_KINDS = ("reliability", "generality", "locality", "portability")
 
 
 @dataclass
@@ -137,27 +142,69 @@ def _scaled(progress: ProgressFn | None, start: float, end: float) -> ProgressFn
     return report
 
 
+def generate_probes(session: EditSession, probes: Sequence[Probe], max_new_tokens: int = 20) -> list[str]:
+    """Greedy continuations of the probes' prompts with the session's edits active (routed, batched)."""
+    return _generate(session, [p.prompt for p in probes], max_new_tokens)
+
+
+def with_generations(table: pd.DataFrame, before: Sequence[str | None], after: Sequence[str | None]) -> pd.DataFrame:
+    """The per-probe table with the generation columns (:data:`GENERATION_COLUMNS`).
+
+    ``before``/``after`` hold one continuation per row (None for probes not generated). A hit is
+    :func:`eval.metrics.generation_contains` of the row's answer (1.0/0.0, NaN when not generated);
+    the contrast columns judge the row's competing answer the same way.
+    """
+    if not len(before) == len(after) == len(table):
+        raise ValueError(f"{len(table)} probes but {len(before)} generations before and {len(after)} after.")
+    out = table.copy()
+
+    def judged(texts: Sequence[str | None], column: str) -> list[float]:
+        return [NAN if text is None or not isinstance(target, str) or not target else
+                float(generation_contains(text, target)) for text, target in zip(texts, out[column], strict=True)]
+
+    out["gen_before"], out["gen_after"] = list(before), list(after)
+    out["gen_hit_before"], out["gen_hit_after"] = judged(before, "answer"), judged(after, "answer")
+    out["gen_contrast_before"], out["gen_contrast_after"] = judged(before, "contrast"), judged(after, "contrast")
+    return out
+
+
+def _spread(probes: Sequence[Probe], chosen: Sequence[Probe], texts: Sequence[str]) -> list[str | None]:
+    by_id = {p.id: t for p, t in zip(chosen, texts, strict=True)}
+    return [by_id.get(p.id) for p in probes]
+
+
 def evaluate_edit(session: EditSession, method: str, requests: EditRequest | Sequence[EditRequest],
                   probeset: ProbeSet | None = None, hparams: dict[str, Any] | None = None,
                   progress: ProgressFn | None = None, k: int = 5,
                   generation_prompts: Sequence[str] | None = None, max_new_tokens: int = 20,
-                  factbase: FactBase | None = None) -> EditOutcome:
+                  factbase: FactBase | None = None, generation_kinds: Sequence[str] = (),
+                  probe_tokens: int = 20) -> EditOutcome:
     """Predict every probe, apply the edit to ``session``, predict again, and measure.
 
     "Before" is the session as it was (its earlier edits active). Without ``probeset`` the probes
-    come from the fact base (:func:`eval.probes.probes_for_requests`). With ``generation_prompts``
+    come from the fact base (:func:`eval.probes.probes_for_requests`; without ``factbase``, the
+    bundled one for the demo model and the facts a real model knows otherwise,
+    :func:`eval.realfacts.factbase_for`). With ``generation_prompts``
     greedy continuations before and after give fluency (n-gram entropy) and consistency (TF-IDF
-    similarity with fact-base and corpus text about the new targets). On any error nothing is
-    pushed on the session.
+    similarity with fact-base and corpus text about the new targets). With ``generation_kinds``
+    (e.g. :data:`GENERATION_KINDS`) the probes of those kinds are also judged by greedy generation
+    of ``probe_tokens`` tokens before and after (:func:`with_generations`; metrics
+    ``reliability_gen`` ... beside the teacher-forced ones). On any error nothing is pushed on the
+    session.
     """
     requests = [requests] if isinstance(requests, EditRequest) else list(requests)
-    factbase = factbase or load_factbase()
+    if factbase is None:
+        from eval.realfacts import factbase_for  # the bundled fact base for the demo, known facts for a real model
+
+        factbase = factbase_for(session.handle)
     probeset = probeset if probeset is not None else probes_for_requests(requests, factbase)
     report = _scaled(progress, 0.0, 1.0)
     started = time.perf_counter()
     report(0.0, "predicting before the edit")
     before = predict(session, probeset.probes, k)
     gen_before = _generate(session, generation_prompts, max_new_tokens)
+    judged = [p for p in probeset.probes if p.kind in set(generation_kinds)]
+    probe_gen_before = generate_probes(session, judged, probe_tokens) if judged else []
     eval_time = time.perf_counter() - started
     with session.tentatively():  # nothing stays pushed when judging the edit fails
         edit = session.apply(method, requests, hparams, progress=_scaled(progress, 0.05, 0.9))
@@ -166,6 +213,9 @@ def evaluate_edit(session: EditSession, method: str, requests: EditRequest | Seq
         after = predict(session, probeset.probes, k)
         gen_after = _generate(session, generation_prompts, max_new_tokens)
         table = outcome_table(before, after)
+        if judged:
+            table = with_generations(table, _spread(probeset.probes, judged, probe_gen_before),
+                                     _spread(probeset.probes, judged, generate_probes(session, judged, probe_tokens)))
         metrics = summarize(table)
         generations = None
         if generation_prompts:

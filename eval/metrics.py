@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -37,6 +38,9 @@ TOKEN_METRICS = ("reliability", "generality", "locality", "portability")
 COUNTERFACT_METRICS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "efficacy_magnitude",
                        "paraphrase_magnitude", "neighborhood_magnitude", "score")
 METRIC_KEYS = TOKEN_METRICS + COUNTERFACT_METRICS
+#: the same four judged by greedy generation: the share of probes whose continuation contains the
+#: probe's answer (:func:`generation_contains`); present when generations were asked for
+GENERATION_METRICS = ("reliability_gen", "generality_gen", "locality_gen", "portability_gen")
 
 #: which probe kind each CounterFact family reads
 _CF_KINDS = {"efficacy": "reliability", "paraphrase": "generality", "neighborhood": "locality",
@@ -104,6 +108,29 @@ def harmonic_mean(values: Iterable[float]) -> float:
     if any(v <= 0 for v in kept):
         return 0.0
     return len(kept) / sum(1.0 / v for v in kept)
+
+
+# -- does the model *say* it ----------------------------------------------------------------------
+def _normalised_words(text: str) -> list[str]:
+    # accents folded too: a model that writes "Bogota" says "Bogotá"
+    folded = "".join(c for c in unicodedata.normalize("NFKD", text.casefold()) if not unicodedata.combining(c))
+    return re.findall(r"\w+", folded)
+
+
+def generation_contains(text: str, target: str) -> bool:
+    """Whether a generated ``text`` says ``target``: its words appear, consecutively, in the text.
+
+    Case, accents, punctuation and spacing are ignored ("the city of rome." says "Rome", "Bogota"
+    says "Bogotá"), but words must match whole ("Romania" does not say "Rome"). This is the
+    "real-world" judgement of an edit — greedy generation, not teacher forcing — that the "mirage"
+    study (ACL 2025) found far below teacher-forced accuracy. An empty target is never said.
+    """
+    wanted = _normalised_words(target)
+    said = _normalised_words(text)
+    if not wanted:
+        return False
+    width = len(wanted)
+    return any(said[i: i + width] == wanted for i in range(len(said) - width + 1))
 
 
 # -- fluency and consistency of generations --------------------------------------------------------
@@ -202,6 +229,30 @@ def summarize(table: pd.DataFrame) -> dict[str, float]:
             out[f"{f}_score{suffix}"] for f in ("efficacy", "paraphrase", "neighborhood"))
     for kind in ("locality", "unrelated"):
         out[kind] = _mean(rows(kind)["agreement"]) if len(table) else NAN
+    if "gen_hit_after" in table.columns:
+        out.update(generation_summary(table))
     ordered = {key: out[key] for key in METRIC_KEYS}
     ordered.update({k: v for k, v in out.items() if k not in ordered})
     return ordered
+
+
+def generation_summary(table: pd.DataFrame) -> dict[str, float]:
+    """The by-generation metrics of a per-probe table with ``gen_hit_before/after`` and
+    ``gen_contrast_before/after`` columns (1.0, 0.0, or NaN for probes not generated).
+
+    ``<kind>_gen``: the share of the kind's generated probes whose continuation after the edit
+    contains the probe's answer — the new target for reliability and generality, the chain's new
+    answer for portability, the neighbour's own answer for locality (it kept saying it);
+    ``<kind>_gen_before``: the same before the edit; ``<kind>_gen_contrast``: the share whose
+    continuation after the edit contains the competing answer (in scope: the old answer still said;
+    locality: the new target leaking into a neighbour).
+    """
+    out: dict[str, float] = {}
+    kinds = table["kind"] if len(table) else pd.Series([], dtype=str)
+    for metric in GENERATION_METRICS:
+        kind = metric.removesuffix("_gen")
+        part = table[kinds == kind]
+        out[metric] = _mean(part["gen_hit_after"]) if len(part) else NAN
+        out[metric + "_before"] = _mean(part["gen_hit_before"]) if len(part) else NAN
+        out[metric + "_contrast"] = _mean(part["gen_contrast_after"]) if len(part) else NAN
+    return out
