@@ -29,6 +29,7 @@ import hashlib
 import json
 import random
 import re
+import time
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -746,3 +747,34 @@ def real_cases(handle: ModelHandle, n: int | None = 50, seed: int = 0,
     """``n`` edit cases about facts ``handle``'s model knows, and the filter's counts."""
     known = known_facts(handle, progress=progress)
     return [record_to_case(r) for r in generate_records(known, n, seed)], known
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m eval.realfacts [--model NAME | --installed]`: find (once, then cached) which real-world
+    facts each model knows, and print the counts per relation."""
+    import argparse
+
+    from editing.models import load_model
+
+    parser = argparse.ArgumentParser(prog="python -m eval.realfacts", description=main.__doc__)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="a model spec, e.g. smollm2-135m")
+    which.add_argument("--installed", action="store_true", help="every installed pretrained model")
+    args = parser.parse_args(argv)
+    if args.installed:
+        from editing.pretrained import available_pretrained
+
+        names = available_pretrained()
+    else:
+        names = [args.model]
+    for name in names:
+        started = time.perf_counter()
+        known = known_facts(load_model(name), progress=lambda f, m: print(f"[{f:4.0%}] {m}", flush=True))
+        print(f"{name}: {known.summary()} ({time.perf_counter() - started:.1f} s)")
+        for relation, (kept, asked) in sorted(known.per_relation.items()):
+            print(f"  {relation:28s} {kept:4d} / {asked}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

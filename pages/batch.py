@@ -100,6 +100,7 @@ def _start(state: AppState, methods: list[str], mode: str, sizes_text: str) -> N
     if plan.n_cases > len(state.dataset.cases):
         st.warning(f"Only {len(state.dataset.cases)} cases are loaded; the runs use all of them.")
     state.job = ExperimentJob(ctx.handle, state.dataset.cases, plan, store=run_store()).start()
+    state.last_run_methods = tuple(methods)
 
 
 def _experiment_section(state: AppState) -> None:
@@ -109,6 +110,12 @@ def _experiment_section(state: AppState) -> None:
     default = [ctx.method] if ctx is not None and ctx.method in methods else methods[:1]
     with st.form("batch_form"):
         chosen = st.multiselect("Methods", methods, default=default, key="batch_methods", persist_state="session")
+        kept = state.last_run_methods
+        if kept is not None and tuple(chosen) == kept:
+            sidebar = f" The sidebar's method is {ctx.method}." if ctx is not None and ctx.method and \
+                ctx.method not in kept else ""
+            st.caption(f"These are the methods of your last run ({', '.join(kept)}), kept for the next one; change "
+                       f"them above.{sidebar}")
         mode = st.radio("Mode", list(MODE_LABELS), format_func=MODE_LABELS.get, key="batch_mode",
                         persist_state="session", horizontal=True)
         sizes = st.text_input("Sizes", value="1, 2, 4", key="batch_sizes", persist_state="session",
@@ -120,6 +127,14 @@ def _experiment_section(state: AppState) -> None:
         _start(state, chosen, mode, sizes)
 
 
+def _curves_chart(job: ExperimentJob, curves: pd.DataFrame, running: bool) -> None:
+    x_title = X_TITLES[job.plan.mode]
+    so_far = " — so far" if running else ""
+    st.plotly_chart(metric_curves(curves, "x", x_title,
+                                  title=f"Metrics against the {x_title} ({job.plan.dataset}){so_far}"),
+                    key="batch_curves_live" if running else "batch_curves")
+
+
 def _job_progress() -> None:
     job = get_state().job
     if job is None:
@@ -129,6 +144,11 @@ def _job_progress() -> None:
         st.rerun(scope="app")  # draw the results and stop polling
     st.button("Cancel", key="batch_cancel", on_click=job.cancel, disabled=job.cancelled,
               help="Stops after the current step; the steps done so far are kept in the run store.")
+    curves = job.curves(partial=True)
+    if not curves.empty:  # the curves grow as steps land
+        _curves_chart(job, curves, running=True)
+    else:
+        st.caption("The curves appear here as soon as the first step is judged.")
 
 
 def _job_section(state: AppState) -> None:
@@ -148,8 +168,7 @@ def _job_section(state: AppState) -> None:
         st.info("No step finished.")
         return
     x_title = X_TITLES[job.plan.mode]
-    st.plotly_chart(metric_curves(curves, "x", x_title, title=f"Metrics against the {x_title} ({job.plan.dataset})"),
-                    key="batch_curves")
+    _curves_chart(job, curves, running=False)
     columns = ["method", "x", *[m for m in (*CORE_METRICS, "score", "wall_time_s") if m in curves.columns]]
     st.dataframe(curves[columns].rename(columns={"x": x_title, **METRIC_LABELS}), hide_index=True, key="batch_table")
     st.caption("Run ids in the store: " + ", ".join(str(r.result.run_id) for r in job.results))

@@ -6,13 +6,25 @@ import pandas as pd
 import streamlit as st
 
 from editing.methods import available_methods, get_method
-from ui.actions import compare_methods, metrics_frame, predictions_frame, probeset_for
-from ui.plots import CORE_METRICS, METRIC_LABELS, cost_figure, metrics_bars, metrics_radar
+from editing.session import EditSession
+from eval.outcomes import resolve_true_target
+from ui.actions import carried_true_target, compare_methods, metrics_frame, predictions_frame, probeset_for
+from ui.plots import CORE_METRICS, METRIC_LABELS, cost_figure, memory_is_comparable, metrics_bars, metrics_radar
 from ui.sidebar import PREFERRED_METHODS
-from ui.state import AppState, CompareResult, get_state
-from ui.widgets import fact_inputs, hparams_note, read_fact, request_from, running, seed_fact_inputs, show_error
+from ui.state import AppState, CompareResult, FactInputs, get_state
+from ui.widgets import (
+    drop_carried_true_target,
+    fact_inputs,
+    hparams_note,
+    read_fact,
+    request_from,
+    running,
+    seed_fact_inputs,
+    show_error,
+)
 
 PREFIX = "cmp"
+FORM_PREFIXES = ("pg", "cmp", "loc")  # forms that share the typed fact
 COUNTERFACT_METRICS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score")
 MAX_DEFAULT = 3
 
@@ -33,8 +45,11 @@ def _run(state: AppState, methods: list[str], on_stack: bool) -> None:
     if not methods:
         st.error("Pick at least one method to compare.")
         return
+    carried = fact.target_true if carried_true_target(fact.prompt, fact.subject, fact.target_true,
+                                                      state.fact_origin) else None
     try:
-        request = request_from(fact)
+        request = request_from(FactInputs(fact.prompt, fact.subject, fact.target_new,
+                                          "" if carried else fact.target_true))
     except Exception as err:
         show_error(err)
         return
@@ -50,19 +65,29 @@ def _run(state: AppState, methods: list[str], on_stack: bool) -> None:
     session = state.current_session()
     base_edits = list(session.edits) if on_stack and session is not None else []
     outcomes = {}
+    true = None
     if runnable:
         try:
-            probeset = probeset_for(request, [(p.prompt, p.answer, p.kind) for p in state.user_probes])
             label = f"Editing {request.subject} → {request.target_new} with {len(runnable)} method(s)"
             with running(label) as progress:
+                base = EditSession(ctx.handle)
+                for edit in base_edits:
+                    base.push(edit)
+                progress(0.0, "reading the model's own answer" if request.target_true is None else "building probes")
+                true = resolve_true_target(base, request)  # the typed true target, else the model's own answer
+                request = true.request
+                probeset = probeset_for(request, [(p.prompt, p.answer, p.kind) for p in state.user_probes],
+                                        handle=ctx.handle, progress=progress)
                 outcomes, failed = compare_methods(ctx.handle, request, runnable, hparams, probeset, base_edits,
                                                    progress)
         except Exception as err:
             show_error(err)
             return
         errors.update(failed)
+    if carried:
+        drop_carried_true_target(state, fact, FORM_PREFIXES)
     state.compare = CompareResult(request=request, outcomes=outcomes, errors=errors, model_key=ctx.model.key,
-                                  on_stack=bool(base_edits))
+                                  on_stack=bool(base_edits), true_target=true, carried_over=carried)
 
 
 def _changed_style(frame: pd.DataFrame, methods: list[str]) -> pd.io.formats.style.Styler:
@@ -79,6 +104,11 @@ def _show(result: CompareResult) -> None:
     st.subheader(f"{request.subject}: {request.target_true or '…'} → {request.target_new}")
     base = "on top of your edit stack" if result.on_stack else "on the unedited model"
     st.caption(f"Each method edited a private copy of the stack, {base}; your own stack is unchanged.")
+    if result.carried_over:
+        st.info(f"The true target “{result.carried_over}” was left from the example you picked before and belongs "
+                f"to that fact, not to this one; it was not used.")
+    if result.true_target is not None:
+        st.markdown(result.true_target.describe())
     for method, message in result.errors.items():
         st.warning(f"**{method}** did not run: {message}")
     if not result.outcomes:
@@ -87,7 +117,9 @@ def _show(result: CompareResult) -> None:
     columns = [c for c in (*CORE_METRICS, *COUNTERFACT_METRICS) if c in metrics.columns]
     shown = metrics[columns].rename(columns=METRIC_LABELS)
     shown["time (s)"] = metrics["wall_time_s"]
-    shown["peak memory (MiB)"] = metrics["peak_memory_bytes"] / 2**20
+    comparable = memory_is_comparable(list(metrics["memory_kind"]))
+    if comparable:
+        shown["peak GPU memory (MiB)"] = metrics["peak_memory_bytes"] / 2**20
     st.dataframe(shown.style.format("{:.3f}", na_rep="n/a"), key="cmp_metrics")
     chart = st.segmented_control("Chart", ["Radar", "Bars"], default="Radar", key="cmp_chart",
                                  persist_state="session")
@@ -98,7 +130,12 @@ def _show(result: CompareResult) -> None:
         else:
             st.plotly_chart(metrics_radar(metrics), key="cmp_radar")
     with right:
-        st.plotly_chart(cost_figure(metrics[["wall_time_s", "peak_memory_bytes"]]), key="cmp_cost")
+        st.plotly_chart(cost_figure(metrics[["wall_time_s", "peak_memory_bytes", "memory_kind"]]), key="cmp_cost")
+        if not comparable:
+            st.caption("Peak memory is not shown: on the CPU it is the growth of the whole server process's "
+                       "memory, which depends on what ran before (memory one method freed is reused by the next, "
+                       "and the first run loads shared statistics), so it cannot compare methods. On a GPU the "
+                       "allocator's peak is exact and is shown for each method.")
     st.markdown("**Predictions per probe** — highlighted where a method changed the top prediction.")
     predictions = predictions_frame(result.outcomes)
     st.dataframe(_changed_style(predictions, list(result.outcomes)), hide_index=True, key="cmp_predictions")

@@ -6,10 +6,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from eval.outcomes import BROKEN, ELSEWHERE, KEPT, REACHED, STUCK, gives_answer, is_intended
 from eval.probes import ProbeSet, probes_for_requests
+from eval.realfacts import factbase_for
 from eval.scope import POSITIONS, PROJECTIONS, ScopeMap, scope_map, warm_up_umap
-from ui.actions import describe_edit
-from ui.plots import outcome_label, scope_map_figure, selected_probe_ids
+from ui.actions import answers_after, describe_edit, scope_outcomes
+from ui.plots import scope_map_figure, selected_probe_ids
 from ui.state import AppState, get_state
 from ui.widgets import show_error
 
@@ -27,13 +29,26 @@ def _umap_ready() -> bool:
 
 def _probeset_of_last_edit(state: AppState) -> ProbeSet:
     """The Playground's probes (with the person's own) when the last edit came from there, else the
-    fact base's probes for the edit's requests."""
+    probes of the model's fact source for the edit's requests."""
     session = state.current_session()
     last = session.edits[-1]
     result = state.playground
     if result is not None and result.outcome.edit is last:
         return result.probeset
-    return probes_for_requests(list(last.requests))
+    return probes_for_requests(list(last.requests), factbase_for(session.handle))
+
+
+def _answered(state: AppState, probeset: ProbeSet) -> dict[str, bool]:
+    """Per probe: does the model, with the last edit, give the probe's expected answer? Read from the
+    Playground's table when the last edit came from there, else from one teacher-forced pass."""
+    session = state.current_session()
+    result = state.playground
+    if result is not None and result.outcome.edit is session.edits[-1]:
+        table = result.outcome.table if result.added is None else pd.concat([result.outcome.table, result.added])
+        known = {pid: gives_answer(acc) for pid, acc in zip(table["probe_id"], table["acc_after"], strict=True)}
+        if all(p.id in known for p in probeset.probes):
+            return known
+    return answers_after(session, probeset)
 
 
 def _scope(state: AppState, layer: int | None, position: str, method: str) -> ScopeMap:
@@ -46,7 +61,13 @@ def _scope(state: AppState, layer: int | None, position: str, method: str) -> Sc
         if method != "pca":
             _umap_ready()
         with st.spinner("Reading the hidden states of every probe, before and after the edit…"):
-            cache[key] = scope_map(session, probeset, layer=layer, position=position, method=method)
+            scope = scope_map(session, probeset, layer=layer, position=position, method=method)
+            answered = _answered(state, probeset)
+        points = scope.points
+        points["answered"] = [bool(answered.get(i, False)) for i in points["probe_id"]]
+        points["outcome"] = scope_outcomes(points, answered)
+        points["wanted"] = points["outcome"].map(is_intended).astype(bool)  # only the expected answer counts
+        cache[key] = scope
         while len(cache) > MAX_CACHED_MAPS:
             cache.pop(next(iter(cache)))
     return cache[key]
@@ -54,13 +75,26 @@ def _scope(state: AppState, layer: int | None, position: str, method: str) -> Sc
 
 def _summary(points: pd.DataFrame) -> None:
     inside, outside = points[points["in_scope"]], points[~points["in_scope"]]
-    cols = st.columns(3)
-    cols[0].metric("In scope changed", f"{int(inside['flipped'].sum())} / {len(inside)}",
-                   help="Edit prompt, paraphrases and consequences whose top prediction changed (wanted).", border=True)
-    cols[1].metric("Out of scope unchanged", f"{int((~outside['flipped']).sum())} / {len(outside)}",
-                   help="Neighbours and unrelated facts whose top prediction stayed (wanted).", border=True)
-    cols[2].metric("As intended", f"{points['wanted'].mean():.0%}" if len(points) else "n/a",
-                   help="Share of probes that behaved as a perfectly scoped edit would.", border=True)
+    counts = points["outcome"].value_counts()
+
+    def share(outcome: str, of: pd.DataFrame) -> str:
+        return f"{int(counts.get(outcome, 0))} / {len(of)}"
+
+    cols = st.columns(5)
+    cols[0].metric("In scope: expected", share(REACHED, inside), border=True,
+                   help="Edit prompt, paraphrases and consequences that now give their expected answer (every token "
+                        "of it is the model's top choice) — the only in-scope outcome that was intended.")
+    cols[1].metric("In scope: other answer", share(ELSEWHERE, inside), border=True,
+                   help="In-scope probes whose top prediction changed, but not to the expected answer (e.g. a "
+                        "consequence expecting “Rome” that now answers “Italy”). Not intended.")
+    cols[2].metric("In scope: unchanged", share(STUCK, inside), border=True,
+                   help="In-scope probes whose top prediction did not change. Not intended.")
+    cols[3].metric("Out of scope: kept", share(KEPT, outside), border=True,
+                   help=f"Neighbours and unrelated facts whose top prediction stayed (intended); the other "
+                        f"{int(counts.get(BROKEN, 0))} changed.")
+    cols[4].metric("As intended", f"{points['wanted'].mean():.0%}" if len(points) else "n/a", border=True,
+                   help="Share of probes that behaved as a perfectly scoped edit would: in scope and now giving the "
+                        "expected answer, or out of scope and unchanged.")
 
 
 @st.fragment
@@ -74,9 +108,7 @@ def _plot_and_table(scope: ScopeMap, stages: tuple[str, ...]) -> None:
         st.caption(f"{len(table)} selected probe(s); clear the selection (double-click the plot) to see all.")
     else:
         st.caption("Select points (click, box or lasso) to filter the table.")
-    shown = table.assign(outcome=[outcome_label(bool(f), bool(s)) for f, s in zip(table["flipped"], table["in_scope"],
-                                                                                  strict=True)])
-    st.dataframe(shown[["probe_id", "kind", "in_scope", "prompt", "answer", "pred_before", "pred_after", "outcome",
+    st.dataframe(table[["probe_id", "kind", "in_scope", "prompt", "answer", "pred_before", "pred_after", "outcome",
                         "prob_change"]].style.format({"prob_change": "{:+.3f}"}), hide_index=True,
                  key="scope_table")
 
@@ -85,7 +117,8 @@ state = get_state()
 st.title("Scope map")
 st.caption("Every probe of your last edit as a point in the model's own hidden-state space (after Figure 4 of the "
            "survey). In-scope probes — the edit, its paraphrases, its consequences — lie inside the dashed outline; "
-           "a well-scoped edit changes those and nothing outside it.")
+           "a well-scoped edit changes those to their expected answers and nothing outside it. An in-scope probe that "
+           "changed to another answer is not a success: it is shown apart (purple).")
 session = state.current_session()
 ctx = state.context
 if session is None:

@@ -20,8 +20,19 @@ from editing.models import ModelHandle
 from editing.request import EditRequest
 from editing.safety import pack_edit_stack, unpack_edit_stack
 from editing.session import EditSession
-from eval.evaluate import EditOutcome, evaluate_edit, outcome_table, predict
+from eval.evaluate import GENERATION_KINDS, EditOutcome, evaluate_edit, outcome_table, predict, with_generations
+from eval.metrics import summarize
+from eval.outcomes import (
+    GENERATION_TOKENS,
+    TokenProbs,
+    continuations,
+    gives_answer,
+    is_intended,
+    probe_outcome,
+    token_probs,
+)
 from eval.probes import IN_SCOPE_KINDS, Probe, ProbeSet, probes_for_request
+from eval.realfacts import factbase_for
 
 ProgressFn = Callable[[float, str], None]
 
@@ -100,10 +111,14 @@ def example_facts(factbase: FactBase | None = None) -> list[Example]:
 
 
 def probeset_for(request: EditRequest, user_probes: Sequence[tuple[str, str, str]] = (),
-                 base: ProbeSet | None = None) -> ProbeSet:
-    """The probes of a typed edit: ``base`` (a data set case's probes) or the fact base's, plus the
-    person's own probes as (prompt, answer, kind)."""
-    probeset = base if base is not None else probes_for_request(request, load_factbase())
+                 base: ProbeSet | None = None, handle: ModelHandle | None = None,
+                 progress: ProgressFn | None = None) -> ProbeSet:
+    """The probes of a typed edit: ``base`` (a data set case's probes) or those of the model's fact
+    source (the bundled fact base for the demo, the real-world facts a pretrained ``handle`` knows:
+    :func:`eval.realfacts.factbase_for`), plus the person's own probes as (prompt, answer, kind)."""
+    if base is None:
+        factbase = factbase_for(handle, progress) if handle is not None else load_factbase()
+    probeset = base if base is not None else probes_for_request(request, factbase)
     probeset = ProbeSet(list(probeset.requests), list(probeset.probes))  # never extend a shared object
     for prompt, answer, kind in user_probes:
         probeset.add(prompt, answer, kind)
@@ -111,9 +126,41 @@ def probeset_for(request: EditRequest, user_probes: Sequence[tuple[str, str, str
 
 
 def apply_and_evaluate(session: EditSession, method: str, request: EditRequest, probeset: ProbeSet,
-                       hparams: dict[str, Any] | None, progress: ProgressFn | None = None) -> EditOutcome:
-    """Apply one edit on the session (pushed on its stack) and judge it on ``probeset``."""
-    return evaluate_edit(session, method, [request], probeset, hparams or None, progress=progress)
+                       hparams: dict[str, Any] | None, progress: ProgressFn | None = None,
+                       generate: bool = False) -> EditOutcome:
+    """Apply one edit on the session (pushed on its stack) and judge it on ``probeset``.
+
+    With ``generate`` the edit prompt, its paraphrases, neighbours and consequences are also
+    continued greedily before and after, and judged by whether the text says their answer (the
+    table's ``gen_*`` columns, :func:`eval.evaluate.with_generations`).
+    """
+    kinds = GENERATION_KINDS if generate else ()
+    return evaluate_edit(session, method, [request], probeset, hparams or None, progress=progress,
+                         generation_kinds=kinds, probe_tokens=GENERATION_TOKENS)
+
+
+@dataclass(frozen=True)
+class TargetBreakdown:
+    """The edit prompt's targets token by token, without and with the edit."""
+
+    new_before: TokenProbs
+    new_after: TokenProbs
+    true_before: TokenProbs | None = None
+    true_after: TokenProbs | None = None
+
+
+def target_breakdown(session: EditSession, edit: Edit, request: EditRequest) -> TargetBreakdown:
+    """Per-token probabilities of the new (and true) target on the edit prompt, without ``edit`` and
+    with it, each on top of the session's earlier edits."""
+    before, after = stack_up_to(session, edit, include=False), stack_up_to(session, edit, include=True)
+    prompt = request.text
+    true = request.target_true
+    return TargetBreakdown(
+        new_before=token_probs(before, prompt, request.target_new),
+        new_after=token_probs(after, prompt, request.target_new),
+        true_before=token_probs(before, prompt, true) if true else None,
+        true_after=token_probs(after, prompt, true) if true else None,
+    )
 
 
 def stack_up_to(session: EditSession, edit: Edit, include: bool) -> EditSession:
@@ -130,19 +177,64 @@ def stack_up_to(session: EditSession, edit: Edit, include: bool) -> EditSession:
 
 
 def check_added_probes(session: EditSession, edit: Edit, probeset: ProbeSet,
-                       new_probes: Sequence[tuple[str, str, str]]) -> pd.DataFrame:
+                       new_probes: Sequence[tuple[str, str, str]], generate: bool = False) -> pd.DataFrame:
     """Rows (as in ``EditOutcome.table``) for probes typed after ``edit`` was applied: predictions
-    without it and with it, each on top of the session's earlier edits."""
+    without it and with it, each on top of the session's earlier edits. With ``generate`` the probes
+    of the generated kinds are also continued greedily without and with it (the ``gen_*`` columns)."""
     added: list[Probe] = [probeset.add(prompt, answer, kind) for prompt, answer, kind in new_probes]
-    before = predict(stack_up_to(session, edit, include=False), added)
-    after = predict(stack_up_to(session, edit, include=True), added)
-    return outcome_table(before, after)
+    without, with_edit = stack_up_to(session, edit, include=False), stack_up_to(session, edit, include=True)
+    rows = outcome_table(predict(without, added), predict(with_edit, added))
+    if not generate:
+        return rows
+    prompts = [p.prompt if p.kind in GENERATION_KINDS else None for p in added]
+    wanted = [p for p in prompts if p is not None]
+    before = iter(continuations(without, wanted))
+    after = iter(continuations(with_edit, wanted))
+    return with_generations(rows, [next(before) if p else None for p in prompts],
+                            [next(after) if p else None for p in prompts])
+
+
+def metrics_with_added(metrics: dict[str, float], table: pd.DataFrame) -> dict[str, float]:
+    """``metrics`` recomputed over ``table`` (the edit's probes and those typed afterwards); metrics
+    the table cannot give (fluency, consistency) are kept."""
+    return {**metrics, **summarize(table)}
+
+
+def outcome_column(table: pd.DataFrame) -> pd.Series:
+    """Per probe, one of :data:`eval.outcomes.OUTCOMES`: in-scope probes now giving the expected answer
+    (teacher-forced, every token), changed to something else, or unchanged; out-of-scope probes
+    changed or kept."""
+    values = [probe_outcome(kind in IN_SCOPE_KINDS, bool(changed), gives_answer(acc))
+              for kind, changed, acc in zip(table["kind"], table["changed"], table["acc_after"], strict=True)]
+    return pd.Series(values, index=table.index, name="outcome", dtype=object)
 
 
 def intended_column(table: pd.DataFrame) -> pd.Series:
-    """Per probe: did it behave as intended? In-scope probes should change, out-of-scope ones should not."""
-    in_scope = table["kind"].isin(IN_SCOPE_KINDS)
-    return (table["changed"].astype(bool) == in_scope).rename("as_intended")
+    """Per probe: did it behave as intended? Only in-scope probes that now give the expected answer and
+    out-of-scope probes that kept their prediction did."""
+    return outcome_column(table).map(is_intended).astype(bool).rename("as_intended")
+
+
+def answers_after(session: EditSession, probeset: ProbeSet) -> dict[str, bool]:
+    """Per probe id: whether the session (its edits active) gives the probe's expected answer."""
+    return {o.probe.id: gives_answer(o.accuracy) for o in predict(session, probeset.probes, k=0)}
+
+
+def scope_outcomes(points: pd.DataFrame, answered: dict[str, bool]) -> pd.Series:
+    """The outcome of every scope-map point (``answered``: probe id -> gives its expected answer after)."""
+    values = [probe_outcome(bool(s), bool(f), bool(answered.get(i, False)))
+              for i, s, f in zip(points["probe_id"], points["in_scope"], points["flipped"], strict=True)]
+    return pd.Series(values, index=points.index, name="outcome", dtype=object)
+
+
+def carried_true_target(prompt: str, subject: str, target_true: str, origin: tuple[str, str, str] | None) -> bool:
+    """Whether ``target_true`` was carried over from another fact: it is the true target an example
+    (or the default fact) put in the form, but the prompt or subject are no longer that example's."""
+    if origin is None or not target_true.strip():
+        return False
+    o_prompt, o_subject, o_true = origin
+    same_fact = " ".join(prompt.split()) == " ".join(o_prompt.split()) and subject.strip() == o_subject.strip()
+    return target_true.strip() == o_true.strip() and not same_fact
 
 
 def compare_methods(handle: ModelHandle, request: EditRequest, methods: Sequence[str],
@@ -173,9 +265,9 @@ def compare_methods(handle: ModelHandle, request: EditRequest, methods: Sequence
 
 
 def metrics_frame(outcomes: dict[str, EditOutcome]) -> pd.DataFrame:
-    """Methods × metrics, with wall time and peak memory."""
+    """Methods × metrics, with wall time, peak memory and how it was measured (``memory_kind``)."""
     rows = {method: {**outcome.metrics, "wall_time_s": outcome.wall_time_s,
-                     "peak_memory_bytes": outcome.peak_memory_bytes}
+                     "peak_memory_bytes": outcome.peak_memory_bytes, "memory_kind": outcome.memory_kind}
             for method, outcome in outcomes.items()}
     return pd.DataFrame.from_dict(rows, orient="index")
 

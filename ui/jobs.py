@@ -15,9 +15,31 @@ from typing import Any
 
 import pandas as pd
 
+from editing.concurrency import background_priority
 from editing.models import ModelHandle
 
 MODES = ("batch", "sequential")
+#: background runs and trainings at once: each uses one core, the rest stay free for interactive edits
+MAX_BACKGROUND = max(1, (os.cpu_count() or 2) // 2)
+_BACKGROUND_SLOTS = threading.BoundedSemaphore(MAX_BACKGROUND)
+
+
+def _in_background(job: Any, work: Any) -> Any:
+    """``work`` as a background thread's target: a bounded number run at once (the rest say they are
+    queued), each at a lower OS priority, and yielding the model's lock to interactive edits between
+    its steps (:func:`editing.concurrency.background_priority`)."""
+
+    def run() -> None:
+        with background_priority():
+            if not _BACKGROUND_SLOTS.acquire(blocking=False):
+                job.message = "queued: waiting for another background run or training to finish"
+                _BACKGROUND_SLOTS.acquire()
+            try:
+                work()
+            finally:
+                _BACKGROUND_SLOTS.release()
+
+    return run
 #: overrides the run store's file (tests, deployments that keep runs elsewhere)
 RUN_STORE_ENV = "EDITSCOPE_RUN_STORE"
 
@@ -84,6 +106,32 @@ class TaskResult:
     result: Any  # eval.store.RunResult
 
 
+class _StepRecorder:
+    """Stands in for the run store during one task: keeps each step's summary row as it lands (for
+    curves drawn while the run goes on) and passes everything on to the real store, if any."""
+
+    def __init__(self, store: Any, rows: list[dict[str, Any]]) -> None:
+        self._store = store
+        self._rows = rows
+        self._next_id = 0
+
+    def create_run(self, config: dict[str, Any]) -> int:
+        if self._store is not None:
+            return self._store.create_run(config)
+        self._next_id -= 1  # no store: a local id, never written anywhere
+        return self._next_id
+
+    def add_step(self, run_id: int, summary_row: dict[str, Any], probe_rows: Any) -> None:
+        self._rows.append(dict(summary_row))  # drawn at once, while the store writes
+        if self._store is not None:
+            self._store.add_step(run_id, summary_row, probe_rows)
+
+    def finish_run(self, run_id: int, status: str = "done", error: str | None = None,
+                   final: dict[str, Any] | None = None) -> None:
+        if self._store is not None:
+            self._store.finish_run(run_id, status, error=error, final=final)
+
+
 class ExperimentJob:
     """A plan running in a daemon thread; the page polls :attr:`progress` and :attr:`message`."""
 
@@ -96,11 +144,13 @@ class ExperimentJob:
         self.progress = 0.0
         self.message = "queued"
         self.results: list[TaskResult] = []
+        self.live: tuple[str, int, list[dict[str, Any]]] | None = None  # (method, size, steps) of the running task
         self.errors: list[str] = []
         self.done = False
         self.started_at = time.time()
         self.finished_at: float | None = None
-        self._thread = threading.Thread(target=self._run, name="editscope-experiment", daemon=True)
+        self._thread = threading.Thread(target=_in_background(self, self._run), name="editscope-experiment",
+                                        daemon=True)
 
     def start(self) -> ExperimentJob:
         self._thread.start()
@@ -134,14 +184,20 @@ class ExperimentJob:
                     self.message = f"{method} ({index + 1}/{len(tasks)}): {message}"
 
                 report(0.0, "starting")
+                steps: list[dict[str, Any]] = []
+                self.live = (method, size, steps)
                 try:
                     result = run_experiment(self.handle, method, self.cases, self.plan.mode, n=self.plan.n_cases,
                                             batch_size=size, hparams=self.plan.hparams.get(method) or None,
-                                            progress=report, cancel=self.cancel_event, store=self.store,
-                                            dataset=self.plan.dataset)
+                                            progress=report, cancel=self.cancel_event,
+                                            store=_StepRecorder(self.store, steps), dataset=self.plan.dataset)
                 except Exception as err:  # one failing method must not stop the others
                     self.errors.append(f"{method} (size {size}): {err}")
                     continue
+                finally:
+                    self.live = None
+                if self.store is None:
+                    result.run_id = None  # the recorder's local id was never stored
                 self.results.append(TaskResult(method, size, result))
         finally:
             self.progress = 1.0 if not self.cancelled else self.progress
@@ -149,9 +205,19 @@ class ExperimentJob:
             self.finished_at = time.time()
             self.done = True
 
-    def curves(self) -> pd.DataFrame:
-        """Rows (method, n_edits, metrics...) to plot against the batch size or the number of edits."""
-        return curves_from(self.plan.mode, [(r.method, r.size, r.result.summary) for r in self.results])
+    def curves(self, partial: bool = False) -> pd.DataFrame:
+        """Rows (method, x, metrics...) to plot against the batch size or the number of edits.
+
+        With ``partial`` a running sequential task adds the steps it has finished so far, so its
+        curve grows as the edits land (a batch size's point is only drawn once all its batches ran).
+        """
+        summaries = [(r.method, r.size, r.result.summary) for r in list(self.results)]
+        live = self.live
+        if partial and live is not None and self.plan.mode == "sequential":
+            method, size, steps = live
+            if steps:
+                summaries.append((method, size, pd.DataFrame(list(steps))))
+        return curves_from(self.plan.mode, summaries)
 
 
 def curves_from(mode: str, summaries: list[tuple[str, int, pd.DataFrame]]) -> pd.DataFrame:
@@ -189,7 +255,8 @@ class BackgroundTask:
         self.result: Any = None
         self.error: str | None = None
         self.done = False
-        self._thread = threading.Thread(target=self._run, name=f"editscope-{label}", daemon=True)
+        self._thread = threading.Thread(target=_in_background(self, self._run), name=f"editscope-{label}",
+                                        daemon=True)
 
     def start(self) -> BackgroundTask:
         self._thread.start()

@@ -15,12 +15,15 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-#: outcome of one probe, from (changed?, wanted?) — the colour of its point and row
+from eval.outcomes import BROKEN, ELSEWHERE, KEPT, REACHED, STUCK, probe_outcome
+
+#: outcome of one probe (eval.outcomes.OUTCOMES) — the colour of its point and row
 OUTCOME_COLOURS = {
-    "changed, as intended": "#1a9850",
-    "unchanged, as intended": "#91bfdb",
-    "changed, not intended": "#d73027",
-    "unchanged, should have changed": "#fc8d59",
+    REACHED: "#1a9850",
+    ELSEWHERE: "#8e44ad",
+    STUCK: "#fc8d59",
+    BROKEN: "#d73027",
+    KEPT: "#91bfdb",
 }
 KIND_SYMBOLS = {
     "reliability": "star",
@@ -43,15 +46,19 @@ METRIC_LABELS = {
     "neighborhood_magnitude": "Neighbourhood magnitude",
     "score": "Score (harmonic mean)",
     "fluency": "Fluency",
+    "says": "Says the new target",
 }
 LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50), hoverlabel=dict(align="left"))
 
 
-def outcome_label(changed: bool, in_scope: bool) -> str:
-    """Whether a probe's change was wanted: in-scope probes should change, out-of-scope ones should not."""
-    if in_scope:
-        return "changed, as intended" if changed else "unchanged, should have changed"
-    return "changed, not intended" if changed else "unchanged, as intended"
+def point_outcomes(points: pd.DataFrame) -> list[str]:
+    """Each scope-map point's outcome: its ``outcome`` column, else derived from ``in_scope``,
+    ``flipped`` and ``answered`` (whether it gives its expected answer after; unknown counts as no)."""
+    if "outcome" in points.columns:
+        return [str(v) for v in points["outcome"]]
+    answered = points["answered"] if "answered" in points.columns else [False] * len(points)
+    return [probe_outcome(bool(s), bool(f), bool(a))
+            for s, f, a in zip(points["in_scope"], points["flipped"], answered, strict=True)]
 
 
 def _fmt_prob(value: Any) -> str:
@@ -124,8 +131,7 @@ def _scope_panel(fig: go.Figure, points: pd.DataFrame, stage: str, col: int, sho
                                  name="intended scope (in-scope probes)",
                                  line=dict(color="#555555", dash="dash", width=1.5), hoverinfo="skip",
                                  legendgroup="scope", showlegend=show_legend), row=1, col=col)
-    labels = [outcome_label(bool(c), bool(s)) for c, s in zip(points["flipped"], points["in_scope"], strict=True)]
-    frame = points.assign(outcome=labels)
+    frame = points.assign(outcome=point_outcomes(points))
     for label, colour in OUTCOME_COLOURS.items():
         part = frame[frame["outcome"] == label]
         if part.empty:
@@ -133,7 +139,7 @@ def _scope_panel(fig: go.Figure, points: pd.DataFrame, stage: str, col: int, sho
         hover = [
             f"<b>{row.prompt}</b><br>kind: {row.kind}{' (in scope)' if row.in_scope else ' (out of scope)'}"
             f"<br>expected: {row.answer}<br>before: {row.pred_before} → after: {row.pred_after}"
-            f"<br>P(expected) change: {_fmt_prob(row.prob_change)}"
+            f"<br>P(expected) change: {_fmt_prob(row.prob_change)}<br>outcome: {row.outcome}"
             for row in part.itertuples()
         ]
         fig.add_trace(go.Scatter(
@@ -148,7 +154,8 @@ def scope_map_figure(points: pd.DataFrame, stages: Sequence[str] = ("before", "a
                      projection: str = "umap", layer: int | None = None) -> go.Figure:
     """The survey's Figure 4: every probe in the model's hidden-state space, before and/or after the edit.
 
-    Colour says whether the probe's answer changed and whether that was wanted; the symbol gives
+    Colour gives the probe's outcome (in scope: changed to the expected answer, to something else, or
+    unchanged; out of scope: changed or kept — see :mod:`eval.outcomes`); the symbol gives
     its kind; the dashed outline surrounds the in-scope probes. Each point's customdata is its
     probe id, so a selection can filter the probe table.
     """
@@ -226,22 +233,50 @@ def metrics_bars(metrics: pd.DataFrame, columns: Sequence[str]) -> go.Figure:
 
 
 def cost_figure(costs: pd.DataFrame) -> go.Figure:
-    """Wall time and peak memory per method (index: method; columns wall_time_s, peak_memory_bytes)."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Wall time", "Peak extra memory"))
+    """Wall time and, where it is comparable, peak memory per method (index: method; columns
+    ``wall_time_s``, ``peak_memory_bytes`` and optionally ``memory_kind``).
+
+    Peak memory is drawn only when every method was measured by the CUDA allocator's peak: on the
+    CPU the figure is the growth of the whole process's resident set, which depends on what ran
+    before (memory one method freed is reused by the next), so it cannot compare methods.
+    """
     names = [str(m) for m in costs.index]
     seconds = costs["wall_time_s"].astype(float).tolist()
-    mib = (costs["peak_memory_bytes"].astype(float) / 2**20).tolist()
+    with_memory = "memory_kind" in costs.columns and memory_is_comparable(list(costs["memory_kind"]))
+    fig = make_subplots(rows=1, cols=2 if with_memory else 1,
+                        subplot_titles=("Wall time", "Peak extra GPU memory") if with_memory else ("Wall time",))
     fig.add_bar(x=names, y=seconds, name="wall time (s)", marker_color="#3366cc",
                 hovertext=[f"{n}: {s:.2f} s" for n, s in zip(names, seconds, strict=True)], hoverinfo="text",
                 row=1, col=1)
-    fig.add_bar(x=names, y=mib, name="peak memory (MiB)", marker_color="#ff9900",
-                hovertext=[f"{n}: {m:.1f} MiB" for n, m in zip(names, mib, strict=True)], hoverinfo="text",
-                row=1, col=2)
-    fig.update_xaxes(title_text="method")
     fig.update_yaxes(title_text="seconds", row=1, col=1)
-    fig.update_yaxes(title_text="MiB", row=1, col=2)
-    fig.update_layout(title="Cost of computing the edit", legend_title_text="measure", height=360, **LAYOUT)
+    if with_memory:
+        mib = (costs["peak_memory_bytes"].astype(float) / 2**20).tolist()
+        fig.add_bar(x=names, y=mib, name="peak GPU memory (MiB)", marker_color="#ff9900",
+                    hovertext=[f"{n}: {m:.1f} MiB (CUDA allocator peak above the start)"
+                               for n, m in zip(names, mib, strict=True)], hoverinfo="text", row=1, col=2)
+        fig.update_yaxes(title_text="MiB", row=1, col=2)
+    fig.update_xaxes(title_text="method")
+    fig.update_layout(title="Cost of computing the edit", legend_title_text="measure", showlegend=True, height=360,
+                      **LAYOUT)
     return fig
+
+
+def memory_is_comparable(kinds: Sequence[str]) -> bool:
+    """Whether peak-memory figures of these measurements can be compared (all CUDA allocator peaks)."""
+    return bool(kinds) and set(kinds) == {"cuda"}
+
+
+def integer_ticks(values: Sequence[float], max_ticks: int = 12) -> dict[str, Any]:
+    """Axis settings that put ticks on whole numbers only (batch sizes, numbers of edits): the values
+    themselves when there are few, else a whole-number step."""
+    finite = sorted({float(v) for v in values if v is not None and not pd.isna(v)})
+    if not finite:
+        return {}
+    if len(finite) <= max_ticks and all(v.is_integer() for v in finite):
+        return dict(tickmode="array", tickvals=[int(v) for v in finite], ticktext=[str(int(v)) for v in finite])
+    span = finite[-1] - finite[0]
+    step = max(1, math.ceil(span / max_ticks))
+    return dict(tickmode="linear", tick0=0, dtick=step, tickformat="d")
 
 
 # -- experiments -------------------------------------------------------------------------------------
@@ -268,6 +303,8 @@ def metric_curves(curves: pd.DataFrame, x: str, x_title: str, metrics: Sequence[
                                                                                     strict=True)],
                 hoverinfo="text"), row=1, col=col)
             fig.update_xaxes(title_text=x_title, row=1, col=col)
+    if len(curves):
+        fig.update_xaxes(**integer_ticks(curves[x].tolist()))  # batch sizes and edit counts are whole numbers
     fig.update_yaxes(title_text="score", range=[-0.02, 1.02])
     fig.update_layout(title=title or f"Metrics against {x_title}", legend_title_text="method", height=380, **LAYOUT)
     return fig

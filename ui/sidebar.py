@@ -23,6 +23,13 @@ from ui.models import DEMO, DTYPES, cached_model_ids, device_options, resolves_t
 from ui.state import AppState, Context, ModelChoice
 from ui.widgets import error_message, hparam_inputs, show_error
 
+try:  # pretrained models installed as packages (SmolLM2); absent in older checkouts
+    from editing.pretrained import available_pretrained
+except ImportError:  # pragma: no cover - depends on the checkout
+    def available_pretrained() -> list[str]:
+        """No pretrained model package is known to this checkout."""
+        return []
+
 CUSTOM = "Other: a local path or Hugging Face id…"
 #: the model picked before the person chooses one (default: the bundled demo model)
 DEFAULT_MODEL_ENV = "EDITSCOPE_DEFAULT_MODEL"
@@ -39,12 +46,29 @@ def default_method(methods: list[str]) -> str | None:
     return methods[0] if methods else None
 
 
+def installed_pretrained() -> list[str]:
+    """Short names of the pretrained models installed on this machine (SmolLM2 first); [] when none
+    or when looking fails."""
+    try:
+        return list(available_pretrained())
+    except Exception:  # a broken package must not take the sidebar down
+        return []
+
+
+def model_options(default_env: str, pretrained: list[str], cached: list[str]) -> list[str]:
+    """The model picker's options, the default first: ``$EDITSCOPE_DEFAULT_MODEL`` when set, else an
+    installed pretrained model (a real model is what the playground is for), else the demo model."""
+    first = default_env.strip() or (pretrained[0] if pretrained else DEMO)
+    return list(dict.fromkeys([first, *pretrained, DEMO, *cached, CUSTOM]))
+
+
 def _model_section(state: AppState) -> Context:
     st.subheader("Model")
-    first = os.environ.get(DEFAULT_MODEL_ENV, "").strip() or DEMO
-    options = list(dict.fromkeys([first, DEMO, *cached_model_ids(), CUSTOM]))
+    options = model_options(os.environ.get(DEFAULT_MODEL_ENV, ""), installed_pretrained(), cached_model_ids())
     picked = st.selectbox("Model", options, key="sb_model",
-                          help="The bundled demo model, a model in your Hugging Face cache, or a local folder.")
+                          help="A pretrained model installed here (e.g. SmolLM2-135M), the bundled demo model "
+                               "(tiny, trained on the fact base), a model in your Hugging Face cache, or a local "
+                               "folder.")
     spec = picked
     if picked == CUSTOM:
         spec = st.text_input("Local path or Hugging Face id", key="sb_model_custom",

@@ -28,12 +28,16 @@ STATE_KEY = "editscope"
 
 @dataclass
 class FactInputs:
-    """The fact typed into an edit form; shared by the Playground, Compare and Locate pages."""
+    """The fact typed into an edit form; shared by the Playground, Compare and Locate pages.
+
+    The true target starts empty: an empty one is read from the model before the edit, so no
+    value ever stands in for a fact it does not belong to.
+    """
 
     prompt: str = "Eiffel Tower is a famous landmark in"
     subject: str = "Eiffel Tower"
     target_new: str = "Italy"
-    target_true: str = "France"
+    target_true: str = ""
 
 
 @dataclass
@@ -95,6 +99,10 @@ class PlaygroundResult:
     outcome: Any  # eval.evaluate.EditOutcome
     model_key: str
     added: pd.DataFrame | None = None  # rows of probes typed after the edit was applied
+    true_target: Any = None  # eval.outcomes.TrueTarget: which true target was used, and where it came from
+    breakdown: Any = None  # ui.actions.TargetBreakdown: the targets token by token, before and after
+    missing: dict[str, str] = field(default_factory=dict)  # probe kind -> why the fact has none
+    carried_over: str | None = None  # a true target dropped because it belonged to another fact
 
 
 @dataclass
@@ -106,6 +114,8 @@ class CompareResult:
     errors: dict[str, str]  # method -> message
     model_key: str
     on_stack: bool
+    true_target: Any = None  # eval.outcomes.TrueTarget
+    carried_over: str | None = None  # a true target dropped because it belonged to another fact
 
 
 @dataclass
@@ -132,6 +142,10 @@ class AppState:
     """Per-session state of the dashboard."""
 
     fact: FactInputs = field(default_factory=FactInputs)
+    #: (prompt, subject, true target) an example put in the forms; its true target belongs to that fact only
+    fact_origin: tuple[str, str, str] | None = None
+    #: widget values to set before the widgets are drawn on the next run (a widget cannot change once drawn)
+    pending_widgets: dict[str, str] = field(default_factory=dict)
     user_probes: list[UserProbe] = field(default_factory=list)
     picked_case: Any = None  # eval.datasets.EditCase picked as the Playground's example (its probes are used)
     dataset: LoadedDataset | None = None
@@ -140,6 +154,7 @@ class AppState:
     playground: PlaygroundResult | None = None
     compare: CompareResult | None = None
     job: ExperimentJob | None = None
+    last_run_methods: tuple[str, ...] | None = None  # the methods of the last experiment started here
     viewed_run: int | None = None
     trace: TraceView | None = None
     scope_maps: dict[tuple, Any] = field(default_factory=dict)  # (edit, n probes, layer, position, method) -> ScopeMap

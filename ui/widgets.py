@@ -15,6 +15,7 @@ from editing.arch import UnsupportedArchitecture
 from editing.edit import EditError
 from editing.models import ModelNotFound
 from editing.request import EditRequest, InvalidEditRequest
+from ui.actions import carried_true_target
 from ui.state import AppState, FactInputs
 
 ProgressFn = Callable[[float, str], None]
@@ -91,7 +92,9 @@ _FACT_LABELS = {
                "'{}' may stand for the subject."),
     "subject": ("Subject", "The entity the fact is about; it must occur in the prompt."),
     "target_new": ("New target", "What the model should answer after the edit."),
-    "target_true": ("True target (optional)", "What the model answers now; used by the probability metrics."),
+    "target_true": ("True target (optional)",
+                    "What the model answers now; the probability metrics compare the new target against it. "
+                    "Leave it empty to use the model's own answer before the edit (the result says which was used)."),
 }
 
 
@@ -100,19 +103,41 @@ def fact_key(prefix: str, name: str) -> str:
 
 
 def seed_fact_inputs(state: AppState, prefix: str) -> None:
-    """Fill the form's widget keys from the shared typed fact unless they already hold a value."""
+    """Fill the form's widget keys from the shared typed fact unless they already hold a value (and
+    apply values queued for this form by the last run)."""
     for name in FACT_FIELDS:
         key = fact_key(prefix, name)
-        if key not in st.session_state:
+        if key in state.pending_widgets:
+            st.session_state[key] = state.pending_widgets.pop(key)
+        elif key not in st.session_state:
             st.session_state[key] = getattr(state.fact, name)
 
 
 def set_fact(state: AppState, fact: FactInputs, prefixes: tuple[str, ...]) -> None:
-    """Replace the typed fact (an example was picked) in the state and in the forms' widgets."""
+    """Replace the typed fact (an example was picked) in the state and in the forms' widgets.
+
+    The example's true target is remembered with its prompt and subject, so it is never used for
+    another fact typed over it (:func:`drop_carried_true_target`).
+    """
     state.fact = fact
+    state.fact_origin = (fact.prompt, fact.subject, fact.target_true) if fact.target_true else None
     for prefix in prefixes:
         for name in FACT_FIELDS:
             st.session_state[fact_key(prefix, name)] = getattr(fact, name)
+
+
+def drop_carried_true_target(state: AppState, fact: FactInputs, prefixes: tuple[str, ...]) -> str | None:
+    """Empty the true target when it belongs to another fact (an example's, typed over); the boxes are
+    emptied on the next run. Returns the dropped value (None when nothing was dropped)."""
+    if not carried_true_target(fact.prompt, fact.subject, fact.target_true, state.fact_origin):
+        return None
+    dropped = fact.target_true
+    fact.target_true = ""
+    state.fact = fact
+    state.fact_origin = None
+    for prefix in prefixes:
+        state.pending_widgets[fact_key(prefix, "target_true")] = ""
+    return dropped
 
 
 def fact_inputs(prefix: str, include_target_true: bool = True, include_target_new: bool = True) -> None:

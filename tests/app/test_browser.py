@@ -79,8 +79,9 @@ def shots(tmp_path):
             shutil.copy2(shot, target / shot.name)
 
 
-def _open(browser, url: str):
-    page = browser.new_context(viewport={"width": 1500, "height": 1100}).new_page()
+def _open(browser, url: str, height: int = 1100):
+    # Streamlit scrolls inside its own container, so a screenshot shows the viewport: ``height`` sets how much.
+    page = browser.new_context(viewport={"width": 1500, "height": height}).new_page()
     page.goto(url, timeout=LONG)
     page.wait_for_selector(bench.IDLE, timeout=LONG)
     page.get_by_text("Apply edit").first.wait_for(timeout=LONG)
@@ -135,7 +136,7 @@ def test_two_browser_sessions_edit_at_once_and_every_page_renders(server, browse
     alice.wait_for_selector(bench.IDLE, timeout=LONG)
     bob.wait_for_selector(bench.IDLE, timeout=LONG)
     assert "after: Italy" in alice_result.inner_text()
-    assert "Before the edit: Tokyo" in bob_result.inner_text() and "after: Berlin" in bob_result.inner_text()
+    assert "before the edit: Tokyo" in bob_result.inner_text() and "after: Berlin" in bob_result.inner_text()
     # Bob's probe of Alice's fact is still France with his edit: he never sees her edit.
     bob_probes = bob.locator(".st-key-pg_user_probes").inner_text()
     assert "expected France: before France, after France" in bob_probes, bob_probes
@@ -188,3 +189,79 @@ def test_two_browser_sessions_edit_at_once_and_every_page_renders(server, browse
     assert "→ France" in alice.inner_text("body")
     alice.screenshot(path=str(shots / "5-locate.png"), full_page=True)
     assert len(list(shots.iterdir())) == 7
+
+
+def _shot(page, shots, name: str, selector: str | None = None) -> None:
+    """A full-page screenshot, or one of the element ``selector`` (a closer look)."""
+    target = page.locator(selector).first if selector else page
+    kwargs = {} if selector else {"full_page": True}
+    target.screenshot(path=str(shots / name), **kwargs)
+
+
+def test_the_playground_says_what_really_happened(server, browser, shots):
+    """A two-token target: its whole probability and whether the model now says it; the scope map's three
+    in-scope outcomes; a fact typed over an example: the example's true target is dropped and the model's
+    own answer used; an unknown subject: why the tiles read n/a, with the probe box right there."""
+    from playwright.sync_api import expect
+
+    page = _open(browser, server, height=3200)
+    _pick_method(page, preferred_method())
+    expect(page.get_by_label("True target (optional)", exact=True)).to_have_value("")
+    _fill(page, "Prompt (with the subject)", "The Statue of Liberty is located in")
+    _fill(page, "Subject", "Statue of Liberty")
+    _fill(page, "New target", "United Kingdom")
+    page.get_by_role("button", name="Apply edit", exact=True).click()
+    verdict = page.locator(".st-key-pg_verdict")
+    verdict.wait_for(timeout=LONG)
+    page.wait_for_selector(bench.IDLE, timeout=LONG)
+    assert "Does the model now say “United Kingdom”?" in verdict.inner_text()
+    edit_box = page.locator(".st-key-pg_edit_result").inner_text()
+    assert "the whole target (product over its 2 tokens)" in edit_box and "0.000 → 0.000" not in edit_box
+    assert "the model's own answer before the edit" in page.locator(".st-key-pg_true_target").inner_text()
+    page.get_by_text("What the model writes", exact=True).wait_for(timeout=LONG)
+    _shot(page, shots, "truth-1-playground-whole-target-and-verdict.png")
+    _shot(page, shots, "truth-1b-verdict.png", ".st-key-pg_verdict")
+    _shot(page, shots, "truth-1c-edit-prompt-probabilities.png", ".st-key-pg_edit_result")
+
+    # the scope map of a one-token edit that takes: the edit reaches its answer, consequences may not
+    _fill(page, "Prompt (with the subject)", "Eiffel Tower is a famous landmark in")
+    _fill(page, "Subject", "Eiffel Tower")
+    _fill(page, "New target", "Italy")
+    page.get_by_role("button", name="Apply edit", exact=True).click()
+    page.locator("[data-testid='stSidebar']").get_by_text("Eiffel Tower: France → Italy").wait_for(timeout=LONG)
+    page.wait_for_selector(bench.IDLE, timeout=LONG)
+    _go(page, "Scope map")
+    page.locator(".js-plotly-plot").first.wait_for(timeout=LONG)
+    page.get_by_text("Select points").wait_for(timeout=LONG)
+    tiles = page.locator("[data-testid='stMetric']").all_inner_texts()
+    assert any("In scope: expected" in t for t in tiles) and any("In scope: other answer" in t
+                                                                        for t in tiles), tiles
+    legend = page.locator(".js-plotly-plot .legendtext").all_text_contents()
+    assert "changed to the expected answer" in legend and "changed, as intended" not in legend, legend
+    _shot(page, shots, "truth-2-scope-map-three-outcomes.png")
+
+    _go(page, "Playground")
+    examples = page.locator("[data-testid='stSelectbox']", has_text="Start from a fact of the fact base")
+    examples.click()
+    page.keyboard.type("Japan — country capital")
+    page.keyboard.press("Enter")
+    true_box = page.get_by_label("True target (optional)", exact=True)
+    expect(true_box).to_have_value("Tokyo", timeout=LONG)
+    page.wait_for_selector(bench.IDLE, timeout=LONG)
+    _fill(page, "Prompt (with the subject)", "Albert Einstein worked as a")
+    _fill(page, "Subject", "Albert Einstein")
+    _fill(page, "New target", "painter")
+    page.get_by_role("button", name="Apply edit", exact=True).click()
+    missing = page.locator(".st-key-pg_missing")
+    missing.wait_for(timeout=LONG)
+    page.wait_for_selector(bench.IDLE, timeout=LONG)
+    explanation = missing.inner_text()
+    assert "no facts about “Albert Einstein”" in explanation and "Add your own probes" in explanation
+    assert missing.get_by_role("textbox", name="Probe prompt").is_visible()  # the probe box is right there, open
+    told = page.locator(".st-key-pg_true_target").inner_text()
+    assert "“Tokyo” was left from the example" in told and "True target: **Tokyo**" not in told
+    expect(true_box).to_have_value("", timeout=LONG)
+    assert "Albert Einstein: Tokyo" not in page.locator("[data-testid='stSidebar']").inner_text()
+    _shot(page, shots, "truth-3-unknown-subject.png")
+    _shot(page, shots, "truth-3b-true-target-and-missing-probes.png", ".st-key-pg_missing")
+    _shot(page, shots, "truth-3c-true-target-line.png", ".st-key-pg_true_target")

@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from tests.app.conftest import app_state, assert_clean, click, new_app, preferred_method
@@ -70,10 +71,10 @@ def test_playground_applies_the_edit_and_shows_what_changed(edited):
     tiles = {m.label: m.value for m in at.metric}
     assert tiles["Reliability"] == f"{result.outcome.metrics['reliability']:.0%}" == "100%"
     assert set(tiles) >= {"Generality", "Locality", "Portability", "Efficacy score", "Score (harmonic mean)"}
-    assert "Before the edit: **France** → after: **Italy**" in markdown_text(at)
-    shown = table_with(at, "as_intended")
+    assert "Top next token before the edit: **France** → after: **Italy**" in markdown_text(at)
+    shown = table_with(at, "outcome")
     assert len(shown) == len(table) and {"generality", "locality", "portability", "unrelated"} <= set(shown["kind"])
-    assert shown.loc[shown["kind"] == "reliability", "as_intended"].iloc[0]
+    assert shown.loc[shown["kind"] == "reliability", "outcome"].iloc[0] == "changed to the expected answer"
     assert any(f"{method} edited Eiffel Tower" in s.value for s in at.success)  # shown once, after the edit
     top = chart(at, "pg_top_chart")
     assert top["data"][1]["y"][0] == "Italy"
@@ -83,10 +84,125 @@ def test_playground_applies_the_edit_and_shows_what_changed(edited):
     assert generality["prompt"] in chart(at, "pg_top_chart")["layout"]["title"]["text"]
     assert any("Eiffel Tower: France → Italy" in m.value for m in at.sidebar.markdown)
     assert len(state.current_session().edits) == 1
-    assert not at.success  # the notice does not come back on later reruns
+    assert not any("edited Eiffel Tower" in s.value for s in at.success)  # the notice does not come back
+
+
+def test_default_fact_takes_its_true_target_from_the_model(edited):
+    result = app_state(edited).playground
+    assert edited.text_input(key=fact_key("pg", "target_true")).value == ""  # nothing stands in for the fact
+    assert result.true_target.source == "model" and result.request.target_true == "France"
+    assert "True target: **France** — the model's own answer before the edit" in markdown_text(edited)
+
+
+def _type_fact(at, prompt: str, subject: str, target_new: str, target_true: str | None = None) -> None:
+    at.text_input(key=fact_key("pg", "prompt")).set_value(prompt)
+    at.text_input(key=fact_key("pg", "subject")).set_value(subject)
+    at.text_input(key=fact_key("pg", "target_new")).set_value(target_new)
+    if target_true is not None:
+        at.text_input(key=fact_key("pg", "target_true")).set_value(target_true)
+
+
+def test_multi_token_target_shows_its_whole_probability_and_whether_the_model_says_it():
+    from eval.metrics import generation_contains
+    from eval.outcomes import format_prob, says_share
+
+    at = new_app().run()
+    _type_fact(at, "The Statue of Liberty is located in", "Statue of Liberty", "United Kingdom")
+    click(at, "Apply edit")
+    assert_clean(at)
+    assert not errors(at), errors(at)
+    result = app_state(at).playground
+    new_b, new_a = result.breakdown.new_before, result.breakdown.new_after
+    assert new_a.tokens == ("United", "Kingdom")
+    reliability = result.outcome.table.set_index("probe_id").loc["rel-0"]
+    assert new_a.whole == pytest.approx(reliability["prob_after"], rel=1e-4)
+    assert new_a.whole == pytest.approx(new_a.probs[0] * new_a.probs[1])
+    text = markdown_text(at)
+    assert (f"P(“United Kingdom”), the whole target (product over its 2 tokens): **{format_prob(new_b.whole)} → "
+            f"{format_prob(new_a.whole)}**") in text
+    tokens = table_with(at, "token", "P before", "P after")
+    new_rows = tokens[tokens["target"] == "new"]
+    assert new_rows["token"].tolist() == ["United", "Kingdom", "per-token geometric mean", "whole target (product)"]
+    assert new_rows["P after"].tolist() == pytest.approx([*new_a.probs, new_a.geometric_mean, new_a.whole])
+    # the plain verdict: does the greedy continuation of the edit prompt contain the new target?
+    generations = result.outcome.table
+    edit_row = generations[generations["kind"] == "reliability"].iloc[0]
+    says = generation_contains(edit_row["gen_after"], "United Kingdom")
+    assert (edit_row["gen_hit_after"] == 1.0) == says
+    boxes = [b.value for b in (at.success if says else at.warning)]
+    assert any(f"Does the model now say “United Kingdom”? {'Yes' if says else 'No'}." in b for b in boxes), boxes
+    tiles = {m.label: m for m in at.metric}
+    assert tiles["Says the new target"].value == f"{says_share(generations):.0%}"
+    assert "one of its two tokens" in tiles["Reliability"].proto.help
+    assert "geometric mean" in tiles["Efficacy score"].proto.help
+    assert "greedy continuation" in tiles["Says the new target"].proto.help
+    written = table_with(at, "says it after", "before the edit", "after the edit")
+    assert {"reliability", "generality", "locality", "portability"} <= set(written["kind"])
+    assert all(len(t) > 0 for t in written["after the edit"])
+    assert any("end exactly where the answer starts" in c.value for c in at.caption)
+    # a later edit's chart starts from its own prompt, not from the probe picked for this one
+    at.selectbox(key="pg_top_probe").set_value("gen-0").run()
+    _type_fact(at, "The capital of Japan is", "Japan", "Berlin")
+    click(at, "Apply edit")
+    assert_clean(at)
+    assert at.selectbox(key="pg_top_probe").value == "rel-0"
+    assert "The capital of Japan is" in chart(at, "pg_top_chart")["layout"]["title"]["text"]
+
+
+def test_unknown_subject_without_an_examples_true_target_explains_its_missing_probes(app_handle):
+    from editing.session import EditSession
+    from eval.outcomes import model_answer
+
+    at = new_app().run()
+    label = next(o for o in at.selectbox(key="pg_example").options if o.startswith("Japan — country capital"))
+    at.selectbox(key="pg_example").set_value(label).run()
+    assert at.text_input(key=fact_key("pg", "target_true")).value == "Tokyo"
+    # a new fact typed over the example: "Tokyo" stays in the box but belongs to Japan, not to Einstein
+    _type_fact(at, "Albert Einstein worked as a", "Albert Einstein", "painter")
+    click(at, "Apply edit")
+    assert_clean(at)
+    assert not errors(at), errors(at)
+    result = app_state(at).playground
+    assert result.carried_over == "Tokyo" and result.request.target_true != "Tokyo"
+    answer, _ = model_answer(EditSession(app_handle), "Albert Einstein worked as a")
+    if answer and answer != "painter":
+        assert result.true_target.source == "model" and result.request.target_true == answer
+        assert f"True target: **{answer}** — the model's own answer" in markdown_text(at)
+    else:
+        assert result.true_target.source == "none" and result.request.target_true is None
+    assert any("was left from the example you picked" in i.value for i in at.info)
+    assert at.text_input(key=fact_key("pg", "target_true")).value == ""  # emptied, not carried to the next fact
+    assert at.text_input(key=fact_key("pg", "prompt")).value == "Albert Einstein worked as a"
+    assert at.selectbox(key="pg_example").value == "— type your own fact —"  # the picker no longer claims Japan
+    # the fact base knows nothing about Einstein: the n/a tiles say why, and the probe box is right there
+    warnings = [w.value for w in at.warning]
+    assert any("no facts about “Albert Einstein”" in w and "Add your own probes below" in w for w in warnings), warnings
+    tiles = {m.label: m for m in at.metric}
+    for kind in ("Generality", "Locality", "Portability"):
+        assert tiles[kind].value == "n/a"
+        assert "no facts about “Albert Einstein”" in tiles[kind].proto.help
+    # a probe without its answer is refused and what was typed stays
+    at.text_input(key="pg_probe_prompt").set_value("Albert Einstein was by profession a")
+    click(at, "Add probe")
+    assert any("needs both a prompt and an expected answer" in e for e in errors(at))
+    assert at.text_input(key="pg_probe_prompt").value == "Albert Einstein was by profession a"
+    at.text_input(key="pg_probe_answer").set_value("painter")
+    at.selectbox(key="pg_probe_kind").set_value("generality")
+    click(at, "Add probe")
+    assert_clean(at)
+    tiles = {m.label: m for m in at.metric}
+    assert tiles["Generality"].value != "n/a"  # answered with and without the edit, counted at once
+    added = app_state(at).playground.added
+    assert added is not None and added.iloc[0]["kind"] == "generality"
+    assert at.text_input(key="pg_probe_prompt").value == ""  # kept as a probe, so the box empties
+    warnings = [w.value for w in at.warning]
+    assert any("no locality or portability probes" in w for w in warnings), warnings
+    assert not any("no generality" in w for w in warnings)
 
 
 def test_own_probe_is_answered_with_and_without_the_edit(edited):
+    from eval.metrics import generation_contains
+
     at = edited
     at.text_input(key="pg_probe_prompt").set_value("The landmark known as Eiffel Tower is located in")
     at.text_input(key="pg_probe_answer").set_value("Italy")
@@ -97,8 +213,11 @@ def test_own_probe_is_answered_with_and_without_the_edit(edited):
     assert added is not None and len(added) == 1
     row = added.iloc[0]
     assert row["source"] == "user" and row["pred_before"] == "France" and row["pred_after"] == "Italy"
-    shown = table_with(at, "as_intended")
+    shown = table_with(at, "outcome")
     assert "The landmark known as Eiffel Tower is located in" in set(shown["prompt"])
+    assert isinstance(row["gen_before"], str) and isinstance(row["gen_after"], str)  # continued too
+    assert row["gen_hit_after"] == float(generation_contains(row["gen_after"], "Italy"))
+    assert "The landmark known as Eiffel Tower is located in" in set(table_with(at, "says it after")["prompt"])
     assert app_state(at).user_probes[0].answer == "Italy"
 
 
@@ -233,10 +352,25 @@ def test_scope_map_page_places_every_probe(edited):
     result = app_state(at).playground
     points = table_with(at, "outcome", "in_scope")
     assert sorted(points["probe_id"]) == sorted(p.id for p in result.probeset.probes)
-    assert points.loc[points["probe_id"] == "rel-0", "outcome"].iloc[0] == "changed, as intended"
+    assert points.loc[points["probe_id"] == "rel-0", "outcome"].iloc[0] == "changed to the expected answer"
+    # three outcomes in scope: only the expected answer (every token of it, as the Playground's table says) counts
+    table = pd.concat([result.outcome.table, result.added]) if result.added is not None else result.outcome.table
+    answered = {pid: acc == 1.0 for pid, acc in zip(table["probe_id"], table["acc_after"], strict=True)}
+    for row in points[points["in_scope"]].itertuples():
+        expected = ("changed to the expected answer" if answered[row.probe_id] else
+                    "changed to something else" if row.pred_before != row.pred_after else
+                    "unchanged, should have changed")
+        assert row.outcome == expected, row
     tiles = {m.label: m.value for m in at.metric}
-    inside = points[points["in_scope"]]
-    assert tiles["In scope changed"] == f"{(inside['outcome'] == 'changed, as intended').sum()} / {len(inside)}"
+    inside, outside = points[points["in_scope"]], points[~points["in_scope"]]
+    for label, outcome in (("In scope: expected", "changed to the expected answer"),
+                           ("In scope: other answer", "changed to something else"),
+                           ("In scope: unchanged", "unchanged, should have changed")):
+        assert tiles[label] == f"{(inside['outcome'] == outcome).sum()} / {len(inside)}"
+    kept = (outside["outcome"] == "unchanged, as intended").sum()
+    assert tiles["Out of scope: kept"] == f"{kept} / {len(outside)}"
+    intended = points["outcome"].isin(["changed to the expected answer", "unchanged, as intended"]).mean()
+    assert tiles["As intended"] == f"{intended:.0%}"
     figure = chart(at, "scope_chart")
     plotted = sorted(i for trace in figure["data"] if trace.get("customdata") for i in trace["customdata"])
     assert plotted == sorted(list(points["probe_id"]) * 2)  # every probe, before and after
@@ -272,6 +406,10 @@ def test_compare_page_runs_each_method(edited):
     assert [t["name"] for t in chart(at, "cmp_radar")["data"]] == list(result.outcomes)
     cost = chart(at, "cmp_cost")["data"]
     assert cost[0]["x"] == list(result.outcomes) and all(v > 0 for v in cost[0]["y"])
+    if app_state(at).context.handle.device.type == "cpu":  # RSS growth of one process does not compare methods
+        assert [t["name"] for t in cost] == ["wall time (s)"] and "peak GPU memory (MiB)" not in metrics.columns
+        assert any("Peak memory is not shown" in c.value for c in at.caption)
+    assert result.request.target_true == "France" and result.true_target.source == "model"
     # the person's own stack is untouched by a comparison
     assert len(app_state(at).current_session().edits) == 1
 
@@ -299,8 +437,11 @@ def test_batch_page_runs_cancels_and_lists_runs(run_store_path):
     assert not job.errors, job.errors
     curves = table_with(at, "batch size")
     assert curves["batch size"].tolist() == [1, 2]
-    lines = chart(at, "batch_curves")["data"]
+    figure = chart(at, "batch_curves")
+    lines = figure["data"]
     assert lines and all(t["x"] == [1, 2] and t["name"] == "FT-L" for t in lines)
+    assert figure["layout"]["xaxis"]["tickvals"] == [1, 2]  # whole batch sizes, no tick at 1.5
+    assert any("methods of your last run (FT-L)" in c.value for c in at.caption)
     assert all(0.0 <= v <= 1.0 for v in curves["Reliability"])
     runs = table_with(at, "run_id", "status")
     assert len(runs) == 2 and set(runs["batch_size"]) == {1, 2} and set(runs["status"]) == {"done"}
@@ -326,6 +467,49 @@ def test_batch_page_runs_cancels_and_lists_runs(run_store_path):
     at.selectbox(key="past_run_one").set_value(int(stored.iloc[0]["run_id"]))
     at.button(key="past_run_delete").click().run()
     assert len(table_with(at, "run_id", "status")) == 2
+
+
+def test_sequential_curves_are_drawn_as_steps_land(run_store_path, monkeypatch):
+    """While a sequential run goes on, the page draws the steps already judged (a store that holds the
+    run after its first step makes the moment deterministic)."""
+    import threading
+
+    import ui.jobs
+    from eval.store import RunStore
+
+    if "FT-L" not in _methods():
+        pytest.skip("FT-L is not registered")
+    first_step, release = threading.Event(), threading.Event()
+
+    class HeldStore(RunStore):
+        def add_step(self, run_id, summary_row, probe_rows):
+            super().add_step(run_id, summary_row, probe_rows)
+            first_step.set()
+            release.wait(120)
+
+    monkeypatch.setattr(ui.jobs, "run_store", lambda: HeldStore(run_store_path))
+    at = new_app(method="FT-L", **{"hp|demo|auto|float32|FT-L|steps": 2}).run()
+    at.switch_page("pages/batch.py").run()
+    at.number_input(key="batch_limit").set_value(3)
+    at.button(key="batch_load").click().run()
+    at.multiselect(key="batch_methods").set_value(["FT-L"])
+    at.radio(key="batch_mode").set_value("sequential")
+    at.text_input(key="batch_sizes").set_value("3")
+    try:
+        click(at, "Run")
+        job = app_state(at).job
+        assert first_step.wait(120), job.errors
+        at.run()
+        assert_clean(at)
+        assert not job.done
+        live = chart(at, "batch_curves_live")
+        assert "so far" in live["layout"]["title"]["text"]
+        assert all(t["x"] == [1] for t in live["data"]) and live["layout"]["xaxis"]["tickvals"] == [1]
+    finally:
+        release.set()
+    assert job.wait(240) and not job.errors, job.errors
+    at.run()
+    assert all(t["x"] == [1, 2, 3] for t in chart(at, "batch_curves")["data"])
 
 
 def _methods() -> list[str]:

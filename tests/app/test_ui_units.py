@@ -49,6 +49,7 @@ def _points(n_in: int = 4, n_out: int = 6, seed: int = 0) -> pd.DataFrame:
         "probe_id": [f"p{i}" for i in range(len(kinds))], "kind": kinds, "in_scope": in_scope,
         "prompt": [f"prompt {i}" for i in range(len(kinds))], "answer": ["a"] * len(kinds),
         "pred_before": ["b"] * len(kinds), "pred_after": ["c"] * len(kinds), "flipped": flipped,
+        "answered": [True, True, False, False] + [False] * n_out,  # p3 changed, but not to its expected answer
         "wanted": [f == s for f, s in zip(flipped, in_scope, strict=True)], "prob_change": rng.normal(size=len(kinds)),
         "x_before": rng.normal(size=len(kinds)), "y_before": rng.normal(size=len(kinds)),
         "x_after": rng.normal(size=len(kinds)) + 3, "y_after": rng.normal(size=len(kinds)),
@@ -87,8 +88,9 @@ def test_scope_points_carry_probe_ids_and_outcome_colours():
     ids = sorted(i for t in markers for i in t.customdata)
     assert ids == sorted(points["probe_id"])
     by_name = {t.name: list(t.customdata) for t in markers}
-    # p1 is in scope and flipped; the last probe is out of scope and flipped
-    assert "p1" in by_name["changed, as intended"]
+    # p1 is in scope and now gives its answer; p3 changed to another; the last is out of scope and flipped
+    assert "p1" in by_name["changed to the expected answer"]
+    assert by_name["changed to something else"] == ["p3"]
     assert points["probe_id"].iloc[-1] in by_name["changed, not intended"]
     assert "p2" in by_name["unchanged, should have changed"]
     hover = " ".join(h for t in markers for h in t.hovertext)
@@ -103,17 +105,11 @@ def test_selection_event_gives_probe_ids():
     assert plots.selected_probe_ids({"selection": {"points": []}}) == []
 
 
-def test_outcome_label_says_whether_a_change_was_wanted():
-    assert plots.outcome_label(changed=True, in_scope=True) == "changed, as intended"
-    assert plots.outcome_label(changed=False, in_scope=True) == "unchanged, should have changed"
-    assert plots.outcome_label(changed=True, in_scope=False) == "changed, not intended"
-    assert plots.outcome_label(changed=False, in_scope=False) == "unchanged, as intended"
-
-
 def test_comparison_and_curve_figures_are_labelled():
     metrics = pd.DataFrame({"reliability": [1.0, 0.5], "generality": [0.8, 0.2], "locality": [0.9, 1.0],
                             "portability": [float("nan"), 0.1], "wall_time_s": [1.5, 0.2],
-                            "peak_memory_bytes": [2**20, 3 * 2**20]}, index=["ROME", "FT-L"])
+                            "peak_memory_bytes": [2**20, 3 * 2**20], "memory_kind": ["cuda", "cuda"]},
+                           index=["ROME", "FT-L"])
     radar = plots.metrics_radar(metrics)
     assert [t.name for t in radar.data] == ["ROME", "FT-L"]
     assert radar.data[0].r[-1] == radar.data[0].r[0]  # closed polygon
