@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from editing.arch import SUPPORTED_FAMILIES, ArchSpec, arch_for
+from editing.concurrency import PriorityLock
 
 
 class ModelNotFound(ValueError):
@@ -29,7 +30,8 @@ class ModelHandle:
     tokenizer: PreTrainedTokenizerBase
     arch: ArchSpec
     name: str
-    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    # interactive requests take it before background runs' next step (editing.concurrency)
+    lock: PriorityLock = field(default_factory=PriorityLock, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -126,20 +128,32 @@ def _is_local_dir(spec: str) -> bool:
 
 
 def load_model(spec: str, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None) -> ModelHandle:
-    """Load ``"demo"``, a local directory, or a Hugging Face id already in the local cache.
+               dtype: str | torch.dtype | None = None,
+               progress: Callable[[float, str], None] | None = None) -> ModelHandle:
+    """Load ``"demo"``, a pretrained short name (``"smollm2-135m"``, see
+    :data:`editing.pretrained.PRETRAINED`), a local directory, or a Hugging Face id already in the
+    local cache.
 
-    Never runs remote code and prefers safetensors weights.
+    The demo model is built and a pretrained model converted on first use (``progress`` reports
+    that work). Never runs remote code and prefers safetensors weights.
     """
     spec = (spec or "").strip()
     if not spec:
-        raise ModelNotFound("No model given: use 'demo', a local directory or a Hugging Face id.")
+        raise ModelNotFound("No model given: use 'demo', a pretrained name such as 'smollm2-135m', "
+                            "a local directory or a Hugging Face id.")
     dev = pick_device(device)
     torch_dtype = pick_dtype(dev, dtype)
+    from editing.pretrained import PRETRAINED_NAMES
+
     if spec == "demo":
         from editing.demo import ensure_demo_model
 
-        source = str(ensure_demo_model())
+        source = str(ensure_demo_model(progress=progress))
+        local_only = True
+    elif spec in PRETRAINED_NAMES:
+        from editing.pretrained import ensure_pretrained
+
+        source = str(ensure_pretrained(spec, progress=progress))
         local_only = True
     elif _is_local_dir(spec):
         source = str(Path(spec).expanduser())
@@ -155,7 +169,8 @@ def load_model(spec: str, device: str | torch.device | None = None,
         raise ModelNotFound(
             f"Could not find model {spec!r}: looked for a local directory of that name and for "
             f"a Hugging Face id in the local cache (no downloads happen at run time). "
-            f"Download it first (e.g. `huggingface-cli download {spec}`) or pass a local path. "
+            f"Download it first (e.g. `huggingface-cli download {spec}`) or pass a local path; "
+            f"offline short names: 'demo', {', '.join(repr(n) for n in PRETRAINED_NAMES)}. "
             f"Supported families: {SUPPORTED_FAMILIES}."
         ) from err
     from editing.arch import ARCHITECTURES, UnsupportedArchitecture

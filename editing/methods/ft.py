@@ -127,6 +127,14 @@ class FTLHParams(FTHParams):
     weight's scale: ε = ``norm_fraction`` × RMS(W), with lr = ε (Adam moves each weight by about
     lr per step, so the box is reached in a step, as with ROME's GPT-2 XL setting lr = ε).
     ``norm_fraction`` = 0.25 is the value that reaches ≥ 90 % efficacy on the demo model.
+
+    A quarter of the weight's RMS is far too wide a box for a real pretrained model: on
+    SmolLM2-135M (ε = 0.048) the edit drags every "... in the city of" prompt to the new answer.
+    ROME's presets follow ε ≈ ``size_coef`` / (number of parameters) across GPT-2 medium, large and
+    XL (ε·N = 0.71M, 0.77M, 0.78M), so ε is also capped by that law: ε = min(``norm_fraction`` ×
+    RMS(W), ``size_coef`` / N). On SmolLM2-135M that gives ε ≈ 5.6e-3 (edit succeeds, "The Louvre
+    ... city of" still answers Paris); on the 2.3M-parameter demo model the cap (0.33) is far above
+    0.25 × RMS(W) = 0.01, so its default is unchanged.
     """
 
     modules: tuple[str, ...] = ("mlp_out",)
@@ -136,17 +144,21 @@ class FTLHParams(FTHParams):
 
     layer_fraction: ClassVar[float] = 0.0
     norm_fraction: ClassVar[float] = 0.25
+    size_coef: ClassVar[float] = 7.5e5
 
     @classmethod
     def for_model(cls, handle: ModelHandle) -> FTLHParams:
-        """ROME's preset for its reference models, else ε and lr from the tuned weight's RMS."""
+        """ROME's preset for its reference models, else ε and lr from the tuned weight's RMS and the
+        model's size (see the class docstring)."""
         layer = scaled_layer(handle.n_layers, cls.layer_fraction)
         preset = ROME_FT_L_PRESETS.get((handle.arch.family, handle.n_layers, handle.d_model))
         if preset is not None:
             eps, lr = preset
         else:
             weight = handle.arch.mlp_out_weight(handle.model, layer).detach().float()
-            eps = float(f"{cls.norm_fraction * float(weight.pow(2).mean().sqrt()):.2g}")
+            n_params = sum(p.numel() for p in handle.model.parameters())  # tied weights counted once
+            eps = min(cls.norm_fraction * float(weight.pow(2).mean().sqrt()), cls.size_coef / n_params)
+            eps = float(f"{eps:.2g}")
             lr = eps
         return cls(layers=(layer,), norm_constraint=eps, lr=lr)
 
