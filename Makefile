@@ -22,9 +22,11 @@ browser:
 	fi
 
 # Every cached model the app and the tests use (the demo model, converted pretrained models), with progress,
-# so that no test waits for a build under its timeout. A second run takes about a second.
+# and which real-world facts each pretrained model knows (its probes), so that no test waits for a build
+# under its timeout and no page for minutes on first use. A second run takes seconds.
 prepare: deps
 	$(PYTHON) -m editing.prepare
+	$(PYTHON) -m eval.realfacts --installed
 
 run: prepare
 	$(PYTHON) -m streamlit run app.py --server.port $(PORT) --server.headless true
