@@ -13,7 +13,7 @@ import streamlit as st
 from editing.methods import available_methods, get_method
 from editing.safety import resolve_allowed, save_upload
 from eval.datasets import load_dataset
-from ui.jobs import ExperimentJob, ExperimentPlan, curves_from, parse_sizes, run_store
+from ui.jobs import ExperimentJob, ExperimentPlan, curves_from, parse_sizes, run_store, time_left
 from ui.plots import CORE_METRICS, METRIC_LABELS, metric_curves
 from ui.state import AppState, LoadedDataset, get_state
 from ui.widgets import hparams_note, show_error
@@ -139,7 +139,7 @@ def _job_progress() -> None:
     job = get_state().job
     if job is None:
         return
-    st.progress(job.progress, text=job.message)
+    st.progress(job.progress, text=job.message + time_left(job.started_at, job.progress))
     if job.done:
         st.rerun(scope="app")  # draw the results and stop polling
     st.button("Cancel", key="batch_cancel", on_click=job.cancel, disabled=job.cancelled,

@@ -18,7 +18,7 @@ from editing.methods import available_methods, get_method
 from editing.models import ModelHandle, ModelNotFound
 from editing.safety import UnsafeInput
 from ui.actions import describe_edit, load_stack_archive, stack_archive
-from ui.jobs import find_shared_task, shared_task
+from ui.jobs import find_shared_task, shared_task, time_left
 from ui.models import DEMO, DTYPES, cached_model_ids, device_options, resolves_to_cpu, shared_handle
 from ui.state import AppState, Context, ModelChoice
 from ui.widgets import error_message, hparam_inputs, show_error
@@ -190,7 +190,7 @@ def _training_progress(key: str) -> None:
         return
     if task.done:
         st.rerun(scope="app")  # the method is ready (or the failure is shown): redraw the sidebar
-    st.progress(task.progress, text=f"{task.label}: {task.message}"[:200])
+    st.progress(task.progress, text=f"{task.label}: {task.message}"[:180] + time_left(task.started_at, task.progress))
 
 
 def _stack_section(state: AppState, ctx: Context) -> None:

@@ -252,3 +252,12 @@ def test_background_task_reports_progress_and_is_shared():
     assert failing.wait(30) and "division by zero" in failing.error
     again = shared_task("test|failing-task", "training", lambda progress: "ok")  # a failed run can be retried
     assert again is not failing and again.wait(30) and again.result == "ok"
+
+
+def test_time_left_comes_from_the_runs_own_pace():
+    from ui.jobs import time_left
+
+    assert time_left(started_at=100.0, progress=0.01, now=110.0) == ""  # too early to tell
+    assert time_left(started_at=100.0, progress=0.25, now=110.0) == " (about 30 s left)"
+    assert time_left(started_at=0.0, progress=0.5, now=600.0) == " (about 10 min left)"
+    assert time_left(started_at=0.0, progress=1.0, now=600.0) == ""
