@@ -30,8 +30,8 @@ Conventions kept from kmeng01/rome and kmeng01/memit:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -183,6 +183,58 @@ def site_module(handle: ModelHandle, layer: int, site: str) -> str:
     raise ValueError(f"Unknown site {site!r}: use 'mlp' or 'block'.")
 
 
+def _clone_output(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple):
+        return tuple(_clone_output(v) for v in value)
+    return value
+
+
+@contextmanager
+def replay_blocks_below(handle: ModelHandle, layer: int) -> Iterator[None]:
+    """Within the block, the first forward pass runs as usual and records the outputs of the
+    blocks below ``layer``; every later pass replays those outputs instead of recomputing them.
+
+    For repeated passes over the same batch whose only change is at ``layer`` or above (the
+    target-vector optimisation): the live blocks get the very same inputs, so results are
+    unchanged bit for bit, and a 30-layer model edited at layer 11 skips 11 of its 30 blocks on
+    every step but the first. Each block's own ``forward`` is shadowed on the instance, so module
+    attributes, hooks and the model's loop over its blocks are untouched.
+    """
+    blocks = [handle.arch.block(handle.model, i) for i in range(max(0, layer))]
+    recorded: dict[int, Any] = {}
+    hooks = []
+
+    def make_hook(index: int):
+        def hook(_module, _args, output):
+            recorded[index] = _clone_output(output)
+        return hook
+
+    def make_replay(index: int, original: Callable[..., Any]):
+        def replay(*args, **kwargs):
+            if index in recorded:
+                return recorded[index]
+            return original(*args, **kwargs)
+        return replay
+
+    shadowed: list[tuple[torch.nn.Module, Any]] = []  # (block, its own instance-level forward or None)
+    try:
+        for index, block in enumerate(blocks):
+            hooks.append(block.register_forward_hook(make_hook(index)))
+            shadowed.append((block, vars(block).get("forward")))
+            block.forward = make_replay(index, block.forward)
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for block, own in shadowed:
+            if own is not None:
+                block.forward = own
+            else:
+                del block.forward
+
+
 def optimise_values(handle: ModelHandle, requests: Sequence[EditRequest], layer: int, site: str,
                     context_templates: Sequence[str], hparams: ValueHParams | None = None,
                     progress: ProgressFn | None = None, batch_rows: int = 256) -> ValueResult:
@@ -276,46 +328,48 @@ def _optimise_chunk(handle: ModelHandle, requests: list[EditRequest], layer: int
             init = out[first_rows, pos_all[first_rows]].detach().float().clone()
         return out.index_put((rows_all, pos_all), delta[owner].to(out.dtype), accumulate=True)
 
-    for step in range(hp.steps):
-        optimiser.zero_grad()
-        with torch.enable_grad(), ExitStack() as stack:
-            hidden_store = stack.enter_context(capture(model, [norm_name], detach=False))
-            stack.enter_context(modify(model, site_name, add_delta))
-            # Only the final norm's output is needed: the LM head runs on the few scored positions.
-            forward_until(model, norm_name, **batch.model_inputs())
-            hidden = hidden_store[norm_name]
-            logprobs = torch.log_softmax(lm_head(hidden[t_rows_t, t_pos_t]).float(), dim=-1)
-            token_lp = logprobs.gather(1, t_ids_t[:, None])[:, 0]
-            row_lp = torch.zeros(len(seqs), device=device).index_add(0, t_rows_t, token_lp)
-            nll_each = -row_lp[rewrite_rows] / lengths_t[owner[rewrite_rows]]
-            nll = torch.zeros(n_req, device=device).index_add(0, owner[rewrite_rows], nll_each) / n_ctx
-            kl_lp = torch.log_softmax(lm_head(hidden[kl_rows_t, pos_all[kl_rows_t]]).float(), dim=-1)
-            if kl_init is None:
-                kl_init = kl_lp.detach().clone()
-            kl = hp.kl_factor * (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
-            assert init is not None
-            decay = hp.weight_decay * delta.norm(dim=1) / init.norm(dim=1) ** 2
-            loss = nll + kl + decay
-            prob = torch.zeros(n_req, device=device).index_add(0, owner[rewrite_rows], torch.exp(-nll_each)) / n_ctx
-            active = ~done
-            last_loss[active.cpu()] = loss.detach().cpu()[active.cpu()]
-            last_prob[active.cpu()] = prob.detach().cpu()[active.cpu()]
-            steps_taken[active.cpu()] += 1
-            newly_done = active & (loss.detach() < hp.early_stop_loss)
-            frozen[newly_done] = delta.detach()[newly_done]
-            done |= newly_done
-            progress((step + 1) / hp.steps, f"optimising target values: step {step + 1}/{hp.steps}, "
-                                            f"mean loss {float(loss.detach().mean()):.3f}")
-            if bool(done.all()) or step == hp.steps - 1:
-                break
-            (loss * (~done).float()).sum().backward()
-        optimiser.step()
-        with torch.no_grad():
-            delta[done] = frozen[done]  # Adam's momentum must not move a request that has stopped
-            max_norm = hp.clamp_norm_factor * init.norm(dim=1)
-            norms = delta.norm(dim=1)
-            scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
-            delta.mul_(scale[:, None])
+    # Blocks below the edited layer see the same batch on every step: computed once, then replayed.
+    with replay_blocks_below(handle, layer):
+        for step in range(hp.steps):
+            optimiser.zero_grad()
+            with torch.enable_grad(), ExitStack() as stack:
+                hidden_store = stack.enter_context(capture(model, [norm_name], detach=False))
+                stack.enter_context(modify(model, site_name, add_delta))
+                # Only the final norm's output is needed: the LM head runs on the few scored positions.
+                forward_until(model, norm_name, **batch.model_inputs())
+                hidden = hidden_store[norm_name]
+                logprobs = torch.log_softmax(lm_head(hidden[t_rows_t, t_pos_t]).float(), dim=-1)
+                token_lp = logprobs.gather(1, t_ids_t[:, None])[:, 0]
+                row_lp = torch.zeros(len(seqs), device=device).index_add(0, t_rows_t, token_lp)
+                nll_each = -row_lp[rewrite_rows] / lengths_t[owner[rewrite_rows]]
+                nll = torch.zeros(n_req, device=device).index_add(0, owner[rewrite_rows], nll_each) / n_ctx
+                kl_lp = torch.log_softmax(lm_head(hidden[kl_rows_t, pos_all[kl_rows_t]]).float(), dim=-1)
+                if kl_init is None:
+                    kl_init = kl_lp.detach().clone()
+                kl = hp.kl_factor * (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
+                assert init is not None
+                decay = hp.weight_decay * delta.norm(dim=1) / init.norm(dim=1) ** 2
+                loss = nll + kl + decay
+                prob = torch.zeros(n_req, device=device).index_add(0, owner[rewrite_rows], torch.exp(-nll_each)) / n_ctx
+                active = ~done
+                last_loss[active.cpu()] = loss.detach().cpu()[active.cpu()]
+                last_prob[active.cpu()] = prob.detach().cpu()[active.cpu()]
+                steps_taken[active.cpu()] += 1
+                newly_done = active & (loss.detach() < hp.early_stop_loss)
+                frozen[newly_done] = delta.detach()[newly_done]
+                done |= newly_done
+                progress((step + 1) / hp.steps, f"optimising target values: step {step + 1}/{hp.steps}, "
+                                                f"mean loss {float(loss.detach().mean()):.3f}")
+                if bool(done.all()) or step == hp.steps - 1:
+                    break
+                (loss * (~done).float()).sum().backward()
+            optimiser.step()
+            with torch.no_grad():
+                delta[done] = frozen[done]  # Adam's momentum must not move a request that has stopped
+                max_norm = hp.clamp_norm_factor * init.norm(dim=1)
+                norms = delta.norm(dim=1)
+                scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+                delta.mul_(scale[:, None])
     assert init is not None
     final = torch.where(done[:, None], frozen, delta.detach())
     return ValueResult(target=init + final, init=init, target_prob=last_prob.tolist(), loss=last_loss.tolist(),

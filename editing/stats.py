@@ -13,12 +13,24 @@ a text corpus — what kmeng01/rome's ``layer_stats`` collects as ``mom2``. It i
 
 Corpora (the ``corpus`` argument):
 
-* ``"bundled"`` (default): ``data/corpus.txt`` plus every fact of the bundled fact base written
+* ``"bundled"`` (the default for the demo model and the tiny test models, whose word-level
+  vocabulary cannot spell other text): ``data/corpus.txt`` plus every fact of the bundled fact base written
   out under each of its relation's training templates ("The capital of France is Paris"). The
   reference uses 100,000 Wikipedia texts; the bundled corpus has ~13,000 short texts, and adding
   the filled fact templates makes the statistic cover the subject-position keys that edits write
   to (a simplification for the offline demo; pass a larger corpus for real models).
 * ``"corpus"``: ``data/corpus.txt`` only.
+* ``"prose"``: real English prose that is on every machine — the prose paragraphs of Python's own
+  documentation (``pydoc_data.topics``, shipped with every CPython, PSF licence; grammar rules,
+  tables and code examples dropped: 648 paragraphs, 34,000 SmolLM2 tokens) plus
+  ``data/corpus.txt`` (542 hand-written encyclopedic sentences, 11,000 tokens). The default for every model whose
+  tokenizer can spell open text (:func:`corpus_defaults`). Why this text: the reference samples
+  Wikipedia, which cannot be downloaded here; a text corpus bundled in a PyPI package would be an
+  extra install, and text the model writes itself would cost about as much compute to generate
+  as the statistics themselves (several minutes for 10,000 tokens on two CPU cores), on the first
+  edit. The documentation is people's prose, not filled fact templates, so the statistic
+  describes the keys of ordinary text, as the method intends; its technical register is the
+  price, measured acceptable on SmolLM2 (``scripts/smollm2_study.py``).
 * a path to a text file: one text per non-empty line.
 * ``"hf:<dataset>[:<config>[:<split>]]"``: a Hugging Face ``datasets`` corpus already in the local
   cache (its ``text`` column), e.g. ``"hf:wikitext:wikitext-103-raw-v1:train"``; needs the
@@ -30,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +62,17 @@ if TYPE_CHECKING:
 
 DEFAULT_CORPUS = "bundled"
 DEFAULT_SAMPLES = 4000
+#: the real-text corpus of models with an open vocabulary, and its sample count (texts; a prose
+#: text is 38 SmolLM2 tokens on average). Chosen by the efficacy-against-sample-size study of
+#: scripts/smollm2_study.py (ROME, 10 counterfactual edits on SmolLM2-135M, layer 11): 25 texts
+#: (807 tokens, fewer than d_ff = 1536) break greedy efficacy (3/10) and neighbours (3/10); from
+#: 100 texts (3,800 tokens) on, every count is the same as with 400 (efficacy 10/10, greedy
+#: 10/10, paraphrase 6/10, neighbour kept 9/10). 200 texts (~7,500 tokens, ~5 x d_ff) leave a
+#: margin at half the collection time of 400 — 0.3 % of the reference's 100,000 samples.
+PROSE_CORPUS = "prose"
+PROSE_SAMPLES = 200
+#: a sentence a closed word-level vocabulary cannot spell without unknown tokens
+_OPEN_TEXT_PROBE = "Therefore, she quickly wrote eleven unusual words about zebras."
 DEFAULT_MAX_LENGTH = 512
 #: bytes of statistics kept in memory across calls (least recently used are dropped first)
 MEMORY_BUDGET_BYTES = 4 * 2**30
@@ -88,6 +112,51 @@ def bundled_texts() -> list[str]:
     return texts
 
 
+def prose_texts() -> list[str]:
+    """The ``"prose"`` corpus: prose paragraphs of Python's documentation, then ``data/corpus.txt``.
+
+    A paragraph is kept when none of its lines is indented (code, grammar continuations) or a
+    heading underline, it holds no grammar rule, table or prompt, it has at least 8 words and at
+    least 85 % letters and spaces; wrapped lines are joined and duplicates dropped.
+    """
+    import pydoc_data.topics  # part of the standard library; imported only when this corpus is used
+
+    texts: list[str] = []
+    seen: set[str] = set()
+    for key in sorted(pydoc_data.topics.topics):
+        for block in re.split(r"\n\s*\n", pydoc_data.topics.topics[key]):
+            lines = block.split("\n")
+            if any(line.startswith(" ") or re.fullmatch(r"[*=~^+-]{3,}", line.strip()) for line in lines):
+                continue
+            text = " ".join(line.strip() for line in lines).strip()
+            if not text or any(mark in text for mark in ("::=", ">>>", "|", "+--")) or len(text.split()) < 8:
+                continue
+            if sum(ch.isalpha() or ch.isspace() for ch in text) < 0.85 * len(text) or text in seen:
+                continue
+            seen.add(text)
+            texts.append(text)
+    return texts + [text for text in load_corpus() if text not in seen]
+
+
+def spells_open_text(handle: ModelHandle) -> bool:
+    """Whether the model's tokenizer writes arbitrary English without unknown tokens (byte-level
+    BPE, SentencePiece): False for the demo model's word-level vocabulary, which the tiny test
+    models share."""
+    tok = handle.tokenizer
+    unk = tok.unk_token_id
+    return unk is None or unk not in encode(tok, _OPEN_TEXT_PROBE)
+
+
+def corpus_defaults(handle: ModelHandle) -> dict[str, str | int]:
+    """Statistics corpus settings (``mom2_corpus``, ``mom2_n_samples``) for ``handle``'s method
+    hyper-parameters: ``{}`` (the ``"bundled"`` corpus, 4,000 texts, unchanged) for closed
+    vocabularies — the demo model, whose method tests compare with the references — and the
+    ``"prose"`` corpus, :data:`PROSE_SAMPLES` texts, for real models."""
+    if not spells_open_text(handle):
+        return {}
+    return {"mom2_corpus": PROSE_CORPUS, "mom2_n_samples": PROSE_SAMPLES}
+
+
 def resolve_corpus(corpus: str | Path | None = None, n_samples: int = DEFAULT_SAMPLES,
                    seed: int = 0) -> StatsCorpus:
     """The first ``n_samples`` texts of ``corpus`` (see the module docstring for the forms).
@@ -103,6 +172,9 @@ def resolve_corpus(corpus: str | Path | None = None, n_samples: int = DEFAULT_SA
     if spec == "bundled":
         texts = bundled_texts()
         source_id = "bundled-" + short_digest(load_factbase().digest, CORPUS_PATH.read_bytes())
+    elif spec == PROSE_CORPUS:
+        texts = prose_texts()
+        source_id = "prose-" + short_digest(*texts)
     elif spec == "corpus":
         texts = load_corpus()
         source_id = "corpus-" + short_digest(CORPUS_PATH.read_bytes())
@@ -110,7 +182,7 @@ def resolve_corpus(corpus: str | Path | None = None, n_samples: int = DEFAULT_SA
         path = Path(spec).expanduser()
         if not path.is_file():
             raise StatsError(
-                f"Statistics corpus {spec!r} is neither 'bundled', 'corpus', 'hf:<dataset>' nor a text file."
+                f"Statistics corpus {spec!r} is neither 'bundled', 'corpus', 'prose', 'hf:<dataset>' nor a text file."
             )
         texts = load_corpus(path)
         source_id = f"file-{path.stem[:24]}-" + short_digest(path.read_bytes())

