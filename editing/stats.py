@@ -23,8 +23,8 @@ Corpora (the ``corpus`` argument):
 * ``"prose"``: real English prose that is on every machine — the prose paragraphs of Python's own
   documentation (``pydoc_data.topics``, shipped with every CPython, PSF licence; grammar rules,
   tables and code examples dropped: 648 paragraphs, 34,000 SmolLM2 tokens) plus
-  ``data/corpus.txt`` (542 hand-written encyclopedic sentences, 11,000 tokens). The default for every model whose
-  tokenizer can spell open text (:func:`corpus_defaults`). Why this text: the reference samples
+  ``data/corpus.txt`` (542 hand-written encyclopedic sentences, 11,000 tokens). The default for
+  every model whose tokenizer can spell open text (:func:`corpus_defaults`). Why this text: the reference samples
   Wikipedia, which cannot be downloaded here; a text corpus bundled in a PyPI package would be an
   extra install, and text the model writes itself would cost about as much compute to generate
   as the statistics themselves (several minutes for 10,000 tokens on two CPU cores), on the first
@@ -67,8 +67,9 @@ DEFAULT_SAMPLES = 4000
 #: scripts/smollm2_study.py (ROME, 10 counterfactual edits on SmolLM2-135M, layer 11): 25 texts
 #: (807 tokens, fewer than d_ff = 1536) break greedy efficacy (3/10) and neighbours (3/10); from
 #: 100 texts (3,800 tokens) on, every count is the same as with 400 (efficacy 10/10, greedy
-#: 10/10, paraphrase 6/10, neighbour kept 9/10). 200 texts (~7,500 tokens, ~5 x d_ff) leave a
-#: margin at half the collection time of 400 — 0.3 % of the reference's 100,000 samples.
+#: 10/10, paraphrase 6/10, neighbour kept 9/10), and so are 800 and all 1,190. 200 texts
+#: (8,400 tokens, ~5 x d_ff) leave a margin at half the collection time of 400 — 0.2 % of the
+#: reference's 100,000 samples.
 PROSE_CORPUS = "prose"
 PROSE_SAMPLES = 200
 #: a sentence a closed word-level vocabulary cannot spell without unknown tokens
