@@ -63,3 +63,13 @@ def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip(f"shared datasets not found at {SHARED_DATASETS}")
     return SHARED_DATASETS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _demo_model_by_default():
+    """Every test that opens the dashboard runs on the demo model: the sidebar offers an installed pretrained model
+    (SmolLM2) first, which would be far too slow to load and edit in page tests. The browser test's
+    server inherits the variable."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDITSCOPE_DEFAULT_MODEL", "demo")
+        yield

@@ -79,16 +79,6 @@ def _navigation_not_pages_folder():
         yield
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _demo_model_by_default():
-    """The dashboard tests run on the demo model: the sidebar offers an installed pretrained model
-    (SmolLM2) first, which would be far too slow to load and edit in page tests. The browser test's
-    server inherits the variable."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EDITSCOPE_DEFAULT_MODEL", "demo")
-        yield
-
-
 @pytest.fixture
 def run_store_path(tmp_path, monkeypatch) -> Path:
     """Point the dashboard's run store at a fresh file."""
