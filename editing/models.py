@@ -143,17 +143,12 @@ def load_model(spec: str, device: str | torch.device | None = None,
                             "a local directory or a Hugging Face id.")
     dev = pick_device(device)
     torch_dtype = pick_dtype(dev, dtype)
+    from editing.prepare import prepare_model
     from editing.pretrained import PRETRAINED_NAMES
 
-    if spec == "demo":
-        from editing.demo import ensure_demo_model
-
-        source = str(ensure_demo_model(progress=progress))
-        local_only = True
-    elif spec in PRETRAINED_NAMES:
-        from editing.pretrained import ensure_pretrained
-
-        source = str(ensure_pretrained(spec, progress=progress))
+    cached = prepare_model(spec, progress)  # the demo model or a converted pretrained one
+    if cached is not None:
+        source = str(cached)
         local_only = True
     elif _is_local_dir(spec):
         source = str(Path(spec).expanduser())

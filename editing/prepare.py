@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from editing.buildonce import ProgressFn
 
@@ -42,48 +43,37 @@ def progress_bar(title: str) -> Iterator[ProgressFn]:
 def model_is_prepared(spec: str) -> bool:
     """Whether loading ``spec`` needs no build or conversion first (always True for plain folders/ids)."""
     from editing.demo import demo_is_built
+    from editing.pretrained import PRETRAINED_NAMES, is_converted
 
     if spec == "demo":
         return demo_is_built()
-    pretrained = _pretrained_api()
-    if pretrained is not None and spec in pretrained.PRETRAINED_NAMES:
-        return pretrained.is_converted(spec)
+    if spec in PRETRAINED_NAMES:
+        return is_converted(spec)
     return True
 
 
-def prepare_model(spec: str, progress: ProgressFn | None = None) -> None:
-    """Build (the demo) or convert (a pretrained short name) ``spec``'s cached files, reporting progress.
+def prepare_model(spec: str, progress: ProgressFn | None = None) -> Path | None:
+    """The cached folder of ``"demo"`` or a pretrained short name, built or converted first if needed.
 
     While another process builds the same files, ``progress`` says so and relays that build's
-    progress. Does nothing for local folders and Hugging Face ids (they load as they are).
+    progress. None for local folders and Hugging Face ids (they load as they are).
     """
     from editing.demo import ensure_demo_model
+    from editing.pretrained import PRETRAINED_NAMES, ensure_pretrained
 
     if spec == "demo":
-        ensure_demo_model(progress=progress)
-        return
-    pretrained = _pretrained_api()
-    if pretrained is not None and spec in pretrained.PRETRAINED_NAMES:
-        pretrained.ensure_pretrained(spec, progress=progress)
-
-
-def _pretrained_api():
-    try:
-        import editing.pretrained as pretrained
-    except ImportError:  # the pretrained-model support is optional for the demo-only core
-        return None
-    return pretrained
+        return ensure_demo_model(progress=progress)
+    if spec in PRETRAINED_NAMES:
+        return ensure_pretrained(spec, progress=progress)
+    return None
 
 
 def steps() -> list[Step]:
     """The preparation steps, in order."""
-    from editing.demo import ensure_demo_model
+    from editing.pretrained import available_pretrained
 
-    found: list[Step] = [("demo model", lambda report: ensure_demo_model(progress=report))]
-    pretrained = _pretrained_api()
-    for name in pretrained.available_pretrained() if pretrained is not None else []:
-        found.append((name, lambda report, name=name: prepare_model(name, report)))
-    return found
+    return [(title, lambda report, spec=spec: prepare_model(spec, report))
+            for title, spec in [("demo model", "demo"), *((name, name) for name in available_pretrained())]]
 
 
 def main(argv: list[str] | None = None) -> int:

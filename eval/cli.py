@@ -85,7 +85,6 @@ def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from editing.models import load_model
-    from editing.prepare import model_is_prepared, prepare_model
     from eval.datasets import load_dataset
     from eval.runs import run_experiment
 
@@ -93,10 +92,10 @@ def _run(args: argparse.Namespace) -> int:
     if hparams is not None and not isinstance(hparams, dict):
         raise ValueError("--hparams must be a JSON object.")
     cases = load_dataset(args.data, fmt=args.fmt, limit=args.n, seed=args.seed)
-    if not model_is_prepared(args.model):  # say what a first use waits for (a build, or another process's)
-        prepare_model(args.model, progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}",
-                                                                          file=sys.stderr, flush=True))
-    handle = load_model(args.model, device=args.device, dtype=args.dtype)
+    # a first use says what it waits for: a build or conversion, or another process's
+    handle = load_model(args.model, device=args.device, dtype=args.dtype,
+                        progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}", file=sys.stderr,
+                                                                 flush=True))
     store = RunStore(args.store)
     bar = tqdm(total=100, desc=f"{args.method} {args.mode}", disable=args.quiet,
                bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")

@@ -16,19 +16,13 @@ from editing.arch import UnsupportedArchitecture
 from editing.edit import EditError
 from editing.methods import available_methods, get_method
 from editing.models import ModelHandle, ModelNotFound
+from editing.pretrained import available_pretrained
 from editing.safety import UnsafeInput
 from ui.actions import describe_edit, load_stack_archive, stack_archive
 from ui.jobs import find_shared_task, shared_task, time_left
 from ui.models import DEMO, DTYPES, cached_model_ids, device_options, resolves_to_cpu, shared_handle
 from ui.state import AppState, Context, ModelChoice
 from ui.widgets import error_message, hparam_inputs, show_error
-
-try:  # pretrained models installed as packages (SmolLM2); absent in older checkouts
-    from editing.pretrained import available_pretrained
-except ImportError:  # pragma: no cover - depends on the checkout
-    def available_pretrained() -> list[str]:
-        """No pretrained model package is known to this checkout."""
-        return []
 
 CUSTOM = "Other: a local path or Hugging Face id…"
 #: the model picked before the person chooses one (default: the bundled demo model)
