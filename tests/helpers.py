@@ -168,3 +168,24 @@ def assert_saved_deltas_round_trip(edit, folder) -> None:
     saved = load_edit(edit.save(folder))
     for name, delta in edit.deltas.items():
         assert torch.equal(saved.deltas[name].materialise(), delta.materialise())
+
+
+def held_run_store(path):
+    """A run store that, after a run's first step, signals ``first_step`` and holds the run until
+    ``release`` is set: makes "while the run goes on" a deterministic moment.
+
+    Returns ``(make_store, first_step, release)``; ``make_store()`` opens a store at ``path``.
+    """
+    import threading
+
+    from eval.store import RunStore
+
+    first_step, release = threading.Event(), threading.Event()
+
+    class HeldStore(RunStore):
+        def add_step(self, run_id, summary_row, probe_rows):
+            super().add_step(run_id, summary_row, probe_rows)
+            first_step.set()
+            release.wait(120)
+
+    return (lambda: HeldStore(path)), first_step, release

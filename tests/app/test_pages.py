@@ -472,22 +472,13 @@ def test_batch_page_runs_cancels_and_lists_runs(run_store_path):
 def test_sequential_curves_are_drawn_as_steps_land(run_store_path, monkeypatch):
     """While a sequential run goes on, the page draws the steps already judged (a store that holds the
     run after its first step makes the moment deterministic)."""
-    import threading
-
     import ui.jobs
-    from eval.store import RunStore
+    from tests.helpers import held_run_store
 
     if "FT-L" not in _methods():
         pytest.skip("FT-L is not registered")
-    first_step, release = threading.Event(), threading.Event()
-
-    class HeldStore(RunStore):
-        def add_step(self, run_id, summary_row, probe_rows):
-            super().add_step(run_id, summary_row, probe_rows)
-            first_step.set()
-            release.wait(120)
-
-    monkeypatch.setattr(ui.jobs, "run_store", lambda: HeldStore(run_store_path))
+    make_store, first_step, release = held_run_store(run_store_path)
+    monkeypatch.setattr(ui.jobs, "run_store", make_store)
     at = new_app(method="FT-L", **{"hp|demo|auto|float32|FT-L|steps": 2}).run()
     at.switch_page("pages/batch.py").run()
     at.number_input(key="batch_limit").set_value(3)

@@ -5,7 +5,6 @@ figures' honesty (memory, integer ticks, live curves)."""
 from __future__ import annotations
 
 import math
-import threading
 
 import pandas as pd
 import pytest
@@ -202,21 +201,14 @@ def test_sequential_curves_grow_while_the_run_goes_on(tmp_path):
     """The running job's curve has its finished steps before the job ends (a store that holds the run
     after its first step makes the moment deterministic)."""
     from eval.datasets import load_dataset
-    from eval.store import RunStore
+    from tests.helpers import held_run_store
     from ui.jobs import ExperimentJob, ExperimentPlan
 
-    first_step, release = threading.Event(), threading.Event()
-
-    class HeldStore(RunStore):
-        def add_step(self, run_id, summary_row, probe_rows):
-            super().add_step(run_id, summary_row, probe_rows)
-            first_step.set()
-            release.wait(120)
-
+    make_store, first_step, release = held_run_store(tmp_path / "runs.sqlite")
     handle = tiny_model("gpt2")
     cases = load_dataset("demo", limit=3)
     plan = ExperimentPlan(("FT-L",), "sequential", (3,), "demo", hparams={"FT-L": {"steps": 1}})
-    job = ExperimentJob(handle, cases, plan, store=HeldStore(tmp_path / "runs.sqlite")).start()
+    job = ExperimentJob(handle, cases, plan, store=make_store()).start()
     try:
         assert first_step.wait(120), job.errors
         assert not job.done
