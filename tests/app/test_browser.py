@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from eval import bench
+from eval import browser as serving
 from tests.app.conftest import APP, ROOT, preferred_method
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = Path(bench.CHROMIUM)
+CHROMIUM = Path(serving.CHROMIUM)
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 LONG = 600_000  # ms: edits and first loads on a busy CPU (300 s once ran out with two burners and two workers)
@@ -34,7 +34,7 @@ def server(tmp_path_factory, demo_handle):
         pytest.skip(f"Chromium is not installed at {CHROMIUM} (`make browser` installs Debian's chromium)")
     pytest.importorskip("playwright.sync_api")
     folder = tmp_path_factory.mktemp("server")
-    port = bench.free_port()
+    port = serving.free_port()
     env = {**os.environ, "EDITSCOPE_DIAGNOSTICS": "1", "EDITSCOPE_RUN_STORE": str(folder / "runs.sqlite")}
     log = open(folder / "server.log", "w")  # closed at teardown
     process = subprocess.Popen(
@@ -43,7 +43,7 @@ def server(tmp_path_factory, demo_handle):
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        bench.wait_healthy(url, process, time.perf_counter() + 120)
+        serving.wait_healthy(url, process, time.perf_counter() + 120)
     except (RuntimeError, TimeoutError):
         log.close()
         pytest.fail(f"the app did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
@@ -83,7 +83,7 @@ def _open(browser, url: str, height: int = 1100):
     # Streamlit scrolls inside its own container, so a screenshot shows the viewport: ``height`` sets how much.
     page = browser.new_context(viewport={"width": 1500, "height": height}).new_page()
     page.goto(url, timeout=LONG)
-    page.wait_for_selector(bench.IDLE, timeout=LONG)
+    page.wait_for_selector(serving.IDLE, timeout=LONG)
     page.get_by_text("Apply edit").first.wait_for(timeout=LONG)
     return page
 
@@ -92,7 +92,7 @@ def _go(page, title: str) -> None:
     """Switch page with the sidebar's navigation (a link keeps the session; a new URL would not)."""
     page.locator("[data-testid='stSidebarNavLink']", has_text=title).click()
     page.get_by_role("heading", name=title).first.wait_for(timeout=LONG)
-    page.wait_for_selector(bench.IDLE, timeout=LONG)
+    page.wait_for_selector(serving.IDLE, timeout=LONG)
 
 
 def _fill(page, label: str, value: str) -> None:
@@ -105,7 +105,7 @@ def _pick_method(page, method: str) -> None:
     if method not in box.inner_text():
         box.click()
         page.get_by_role("option", name=method, exact=True).click()
-        page.wait_for_selector(bench.IDLE, timeout=LONG)
+        page.wait_for_selector(serving.IDLE, timeout=LONG)
 
 
 def test_two_browser_sessions_edit_at_once_and_every_page_renders(server, browser, shots, demo_handle):
@@ -125,7 +125,7 @@ def test_two_browser_sessions_edit_at_once_and_every_page_renders(server, browse
     _fill(bob, "Expected answer", "France")
     bob.get_by_role("button", name="Add probe", exact=True).click()
     bob.get_by_text("Your probes are added to every edit").wait_for(timeout=LONG)
-    bob.wait_for_selector(bench.IDLE, timeout=LONG)
+    bob.wait_for_selector(serving.IDLE, timeout=LONG)
     # Both apply at the same time: the server computes the two edits concurrently on one shared model.
     alice.get_by_role("button", name="Apply edit", exact=True).click()
     bob.get_by_role("button", name="Apply edit", exact=True).click()
@@ -133,8 +133,8 @@ def test_two_browser_sessions_edit_at_once_and_every_page_renders(server, browse
     bob_result = bob.locator(".st-key-pg_edit_result")
     alice_result.wait_for(timeout=LONG)
     bob_result.wait_for(timeout=LONG)
-    alice.wait_for_selector(bench.IDLE, timeout=LONG)
-    bob.wait_for_selector(bench.IDLE, timeout=LONG)
+    alice.wait_for_selector(serving.IDLE, timeout=LONG)
+    bob.wait_for_selector(serving.IDLE, timeout=LONG)
     assert "after: Italy" in alice_result.inner_text()
     assert "before the edit: Tokyo" in bob_result.inner_text() and "after: Berlin" in bob_result.inner_text()
     # Bob's probe of Alice's fact is still France with his edit: he never sees her edit.
@@ -172,7 +172,7 @@ def test_two_browser_sessions_edit_at_once_and_every_page_renders(server, browse
     caption.wait_for(timeout=60_000)
     selected = int(caption.inner_text().split()[0])
     assert 1 <= selected < total
-    alice.wait_for_selector(bench.IDLE, timeout=LONG)
+    alice.wait_for_selector(serving.IDLE, timeout=LONG)
     alice.screenshot(path=str(shots / "2b-scope-map-selection.png"), full_page=True)
 
     _go(alice, "Compare methods")  # the comparison itself is run by the AppTest tests
@@ -185,7 +185,7 @@ def test_two_browser_sessions_edit_at_once_and_every_page_renders(server, browse
     _fill(alice, "Noise samples", "3")
     alice.get_by_role("button", name="Trace", exact=True).click()
     alice.locator(".js-plotly-plot").first.wait_for(timeout=LONG)
-    alice.wait_for_selector(bench.IDLE, timeout=LONG)
+    alice.wait_for_selector(serving.IDLE, timeout=LONG)
     assert "→ France" in alice.inner_text("body")
     alice.screenshot(path=str(shots / "5-locate.png"), full_page=True)
     assert len(list(shots.iterdir())) == 7
@@ -213,7 +213,7 @@ def test_the_playground_says_what_really_happened(server, browser, shots):
     page.get_by_role("button", name="Apply edit", exact=True).click()
     verdict = page.locator(".st-key-pg_verdict")
     verdict.wait_for(timeout=LONG)
-    page.wait_for_selector(bench.IDLE, timeout=LONG)
+    page.wait_for_selector(serving.IDLE, timeout=LONG)
     assert "Does the model now say “United Kingdom”?" in verdict.inner_text()
     edit_box = page.locator(".st-key-pg_edit_result").inner_text()
     assert "the whole target (product over its 2 tokens)" in edit_box and "0.000 → 0.000" not in edit_box
@@ -229,7 +229,7 @@ def test_the_playground_says_what_really_happened(server, browser, shots):
     _fill(page, "New target", "Italy")
     page.get_by_role("button", name="Apply edit", exact=True).click()
     page.locator("[data-testid='stSidebar']").get_by_text("Eiffel Tower: France → Italy").wait_for(timeout=LONG)
-    page.wait_for_selector(bench.IDLE, timeout=LONG)
+    page.wait_for_selector(serving.IDLE, timeout=LONG)
     _go(page, "Scope map")
     page.locator(".js-plotly-plot").first.wait_for(timeout=LONG)
     page.get_by_text("Select points").wait_for(timeout=LONG)
@@ -247,14 +247,14 @@ def test_the_playground_says_what_really_happened(server, browser, shots):
     page.keyboard.press("Enter")
     true_box = page.get_by_label("True target (optional)", exact=True)
     expect(true_box).to_have_value("Tokyo", timeout=LONG)
-    page.wait_for_selector(bench.IDLE, timeout=LONG)
+    page.wait_for_selector(serving.IDLE, timeout=LONG)
     _fill(page, "Prompt (with the subject)", "Albert Einstein worked as a")
     _fill(page, "Subject", "Albert Einstein")
     _fill(page, "New target", "painter")
     page.get_by_role("button", name="Apply edit", exact=True).click()
     missing = page.locator(".st-key-pg_missing")
     missing.wait_for(timeout=LONG)
-    page.wait_for_selector(bench.IDLE, timeout=LONG)
+    page.wait_for_selector(serving.IDLE, timeout=LONG)
     explanation = missing.inner_text()
     assert "no facts about “Albert Einstein”" in explanation and "Add your own probes" in explanation
     assert missing.get_by_role("textbox", name="Probe prompt").is_visible()  # the probe box is right there, open
