@@ -54,6 +54,7 @@ class MethodResult:
     n: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     edit_times_s: list[float] = field(default_factory=list)
+    peak_memory_bytes: list[int] = field(default_factory=list)  # each edit's extra peak (RSS on CPU, CUDA on GPU)
     failures: int = 0
     error: str | None = None
 
@@ -86,12 +87,16 @@ def _mean_metrics(rows: Sequence[dict[str, float]]) -> dict[str, float]:
 
 def results_table(handle: ModelHandle, cases: Sequence[EditCase], methods: Sequence[str],
                   probe_tokens: int = 20, hparams: dict[str, dict[str, Any]] | None = None,
-                  progress: ProgressFn | None = None) -> tuple[MethodResult, list[MethodResult]]:
+                  progress: ProgressFn | None = None,
+                  on_method: Callable[[MethodResult, list[MethodResult]], None] | None = None,
+                  ) -> tuple[MethodResult, list[MethodResult]]:
     """The unedited baseline and one :class:`MethodResult` per method over ``cases``.
 
     Predictions and generations before the edit are computed once per case and shared by every
     method; each case is then edited alone in a fresh session and judged again. A method that
     fails on a case counts a failure (its first error is kept) and goes on with the next case.
+    ``on_method(baseline, results so far)`` is called after each method, so a long run can keep
+    what it has measured.
     """
     progress = progress or (lambda _f, _m: None)
     hparams = hparams or {}
@@ -127,10 +132,13 @@ def results_table(handle: ModelHandle, cases: Sequence[EditCase], methods: Seque
             finally:
                 session.clear()
             result.edit_times_s.append(edit.stats.wall_time_s)
+            result.peak_memory_bytes.append(edit.stats.peak_memory_bytes)
             rows.append(summarize(_table(case, judged[index], before[index], after, gen_before[index], gen_after)))
         result.n = len(rows)
         result.metrics = _mean_metrics(rows)
         results.append(result)
+        if on_method is not None:
+            on_method(baseline, results)
     progress(1.0, "done")
     return baseline, results
 
@@ -153,8 +161,9 @@ def _fmt(value: float, digits: int = 2) -> str:
 
 def results_markdown(model: str, known: KnownFacts, cases: Sequence[EditCase], baseline: MethodResult,
                      results: Sequence[MethodResult], command: str, probe_tokens: int, seed: int,
-                     device: str = "cpu", elapsed_s: float | None = None) -> str:
-    """The results as a Markdown page: setup, the facts the model knows per relation, the table."""
+                     device: str = "cpu", elapsed_s: float | None = None, pending: Sequence[str] = ()) -> str:
+    """The results as a Markdown page: setup, the facts the model knows per relation, the table
+    (``pending``: methods not measured yet, named so a partial page says it is partial)."""
     lines = [f"# Editing results on {model}", "",
              f"Command: `{command}`", "",
              f"- records: {len(cases)} CounterFact-style counterfactual edits of facts the model knows "
@@ -165,8 +174,11 @@ def results_markdown(model: str, known: KnownFacts, cases: Sequence[EditCase], b
              f"(case, accents and punctuation ignored): the new target for the edit and its paraphrases, the "
              f"chain's new answer for portability, the neighbour's own answer for locality;",
              f"- edit time: the first edit of the process (one-off costs such as statistics included) and the "
-             f"median of the later ones; device {device}, torch {torch.__version__}, {platform.machine()}.", ""]
-    header = ["method", "edits", "first edit (s)", "cached edit (s)"]
+             f"median of the later ones; device {device}, torch {torch.__version__}, {platform.machine()}, "
+             f"{torch.get_num_threads()} threads;",
+             "- peak memory: the largest extra memory of one edit above the level before it (the process's RSS "
+             "on a CPU, the allocator's peak on a GPU).", ""]
+    header = ["method", "edits", "first edit (s)", "cached edit (s)", "peak memory (MiB)"]
     for metric in TOKEN_METRICS:
         header += [f"{metric} TF", f"{metric} gen"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -174,7 +186,8 @@ def results_markdown(model: str, known: KnownFacts, cases: Sequence[EditCase], b
     def row(result: MethodResult, unedited: bool) -> str:
         m = result.metrics
         cells = [result.method, str(result.n) + (f" ({result.failures} failed)" if result.failures else ""),
-                 "–" if unedited else _fmt(result.first_edit_s), "–" if unedited else _fmt(result.cached_edit_s)]
+                 "–" if unedited else _fmt(result.first_edit_s), "–" if unedited else _fmt(result.cached_edit_s),
+                 _fmt(max(result.peak_memory_bytes) / 2 ** 20, 0) if result.peak_memory_bytes else "–"]
         for metric, gen in zip(TOKEN_METRICS, GENERATION_METRICS, strict=True):
             suffix = "_before" if unedited and metric != "locality" else ""
             cells += [_fmt(m.get(metric + suffix, math.nan)), _fmt(m.get(gen + ("_before" if unedited else ""),
@@ -183,6 +196,8 @@ def results_markdown(model: str, known: KnownFacts, cases: Sequence[EditCase], b
 
     lines.append(row(baseline, True))
     lines += [row(r, False) for r in results]
+    if pending:
+        lines += ["", f"**Partial:** still running or interrupted before {', '.join(pending)}."]
     errors = [r for r in results if r.error]
     if errors:
         lines += ["", "Failures:", ""] + [f"- {r.method}: {r.failures} of {r.failures + r.n} edits failed "
@@ -252,10 +267,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.model} knows none of the candidate facts ({known.summary()}).", file=sys.stderr)
         return 2
     progress(0.0, f"{known.summary()}; {len(cases)} records; methods: {', '.join(methods)}")
-    baseline, results = results_table(handle, cases, methods, probe_tokens=args.tokens, progress=progress)
     command = "python -m eval.realmodel " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = results_markdown(args.model, known, cases, baseline, results, command.strip(), args.tokens, args.seed,
-                            device=str(handle.device), elapsed_s=time.perf_counter() - started)
+
+    def markdown(baseline: MethodResult, results: list[MethodResult]) -> str:
+        return results_markdown(args.model, known, cases, baseline, results, command.strip(), args.tokens,
+                                args.seed, device=str(handle.device), elapsed_s=time.perf_counter() - started,
+                                pending=methods[len(results):])
+
+    def keep_partial(baseline: MethodResult, results: list[MethodResult]) -> None:
+        if len(results) < len(methods):  # the finished rows survive an interrupted run
+            atomic_write_text(args.out, markdown(baseline, results))
+
+    baseline, results = results_table(handle, cases, methods, probe_tokens=args.tokens, progress=progress,
+                                      on_method=keep_partial)
+    text = markdown(baseline, results)
     print(text)
     atomic_write_text(args.out, text)
     print(f"wrote {args.out}", file=sys.stderr)

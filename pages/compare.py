@@ -13,6 +13,7 @@ from ui.plots import CORE_METRICS, METRIC_LABELS, cost_figure, memory_is_compara
 from ui.sidebar import PREFERRED_METHODS
 from ui.state import AppState, CompareResult, FactInputs, get_state
 from ui.widgets import (
+    FACT_FORMS,
     drop_carried_true_target,
     fact_inputs,
     hparams_note,
@@ -24,7 +25,6 @@ from ui.widgets import (
 )
 
 PREFIX = "cmp"
-FORM_PREFIXES = ("pg", "cmp", "loc")  # forms that share the typed fact
 COUNTERFACT_METRICS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score")
 MAX_DEFAULT = 3
 
@@ -85,7 +85,7 @@ def _run(state: AppState, methods: list[str], on_stack: bool) -> None:
             return
         errors.update(failed)
     if carried:
-        drop_carried_true_target(state, fact, FORM_PREFIXES)
+        drop_carried_true_target(state, fact, FACT_FORMS)
     state.compare = CompareResult(request=request, outcomes=outcomes, errors=errors, model_key=ctx.model.key,
                                   on_stack=bool(base_edits), true_target=true, carried_over=carried)
 

@@ -36,6 +36,7 @@ from ui.actions import (
 from ui.plots import METRIC_LABELS, OUTCOME_COLOURS, memory_is_comparable, top_predictions_figure
 from ui.state import AppState, FactInputs, PlaygroundResult, UserProbe, get_state
 from ui.widgets import (
+    FACT_FORMS,
     drop_carried_true_target,
     fact_inputs,
     read_fact,
@@ -47,7 +48,6 @@ from ui.widgets import (
 )
 
 PREFIX = "pg"
-FORM_PREFIXES = ("pg", "cmp", "loc")  # forms that share the typed fact
 NO_EXAMPLE = "— type your own fact —"
 BUNDLED_CASES = 50
 PROBE_WIDGETS = ("pg_probe_prompt", "pg_probe_answer", "pg_example", "pg_case")  # widgets emptied on the next run
@@ -119,7 +119,7 @@ def _use_example() -> None:
         prompt, subject, target_new, target_true = _examples()[label]
         state = get_state()
         state.picked_case = None
-        set_fact(state, FactInputs(prompt, subject, target_new, target_true), FORM_PREFIXES)
+        set_fact(state, FactInputs(prompt, subject, target_new, target_true), FACT_FORMS)
 
 
 def _use_case() -> None:
@@ -128,7 +128,7 @@ def _use_case() -> None:
     if case is not None:
         r = case.requests[0]
         state.picked_case = case
-        set_fact(state, FactInputs(r.text, r.subject, r.target_new, r.target_true or ""), FORM_PREFIXES)
+        set_fact(state, FactInputs(r.text, r.subject, r.target_new, r.target_true or ""), FACT_FORMS)
 
 
 def _case_probes(state: AppState, request: EditRequest) -> ProbeSet | None:
@@ -178,7 +178,7 @@ def _apply(state: AppState) -> None:
         show_error(err)
         return
     if carried:
-        drop_carried_true_target(state, fact, FORM_PREFIXES)  # the box empties on the next run
+        drop_carried_true_target(state, fact, FACT_FORMS)  # the box empties on the next run
     _forget_stale_pickers(state, typed)
     state.playground = PlaygroundResult(request=request, method=ctx.method, probeset=probeset, outcome=outcome,
                                         model_key=ctx.model.key, true_target=true, breakdown=breakdown,

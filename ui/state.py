@@ -40,6 +40,19 @@ class FactInputs:
     target_true: str = ""
 
 
+#: The demo model's own phrasing: its fact base's templates (it knows no other wording).
+DEMO_FACT = FactInputs()
+#: A real model's: the probe ends where the answer starts ("... in the city of"), since short prompts such
+#: as "... is located in" make a real LM go on with " the" first; SmolLM2 answers Paris here (P ≈ 0.7).
+REAL_MODEL_FACT = FactInputs("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "")
+DEFAULT_FACTS = (DEMO_FACT, REAL_MODEL_FACT)
+
+
+def default_fact(spec: str) -> FactInputs:
+    """The example fact the forms start with for the model ``spec``: one the model knows, in its phrasing."""
+    return DEMO_FACT if spec.startswith("demo") else REAL_MODEL_FACT
+
+
 @dataclass
 class UserProbe:
     """A probe the person typed (prompt, expected answer, probe kind)."""

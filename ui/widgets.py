@@ -16,7 +16,7 @@ from editing.edit import EditError
 from editing.models import ModelNotFound
 from editing.request import EditRequest, InvalidEditRequest
 from ui.actions import carried_true_target
-from ui.state import AppState, FactInputs
+from ui.state import DEFAULT_FACTS, AppState, FactInputs, default_fact
 
 ProgressFn = Callable[[float, str], None]
 
@@ -102,9 +102,33 @@ def fact_key(prefix: str, name: str) -> str:
     return f"{prefix}_fact_{name}"
 
 
+#: The forms that share the typed fact (Playground, Compare, Locate).
+FACT_FORMS = ("pg", "cmp", "loc")
+
+
+def follow_model_default(state: AppState) -> None:
+    """Put the picked model's example fact in the forms while they still hold another model's example.
+
+    The demo model knows its facts only in its fact base's phrasing, a real model answers best where the
+    probe ends at the answer: the example changes with the model, but nothing the person typed is replaced.
+    """
+    ctx = state.context
+    if ctx is None:
+        return
+    wanted = default_fact(ctx.model.spec)
+    shown = [state.fact]
+    for prefix in FACT_FORMS:
+        if fact_key(prefix, "prompt") in st.session_state:
+            shown.append(FactInputs(**{name: str(st.session_state.get(fact_key(prefix, name), "") or "")
+                                       for name in FACT_FIELDS}))
+    if all(fact in DEFAULT_FACTS and fact != wanted for fact in shown):
+        set_fact(state, wanted, FACT_FORMS)
+
+
 def seed_fact_inputs(state: AppState, prefix: str) -> None:
     """Fill the form's widget keys from the shared typed fact unless they already hold a value (and
     apply values queued for this form by the last run)."""
+    follow_model_default(state)
     for name in FACT_FIELDS:
         key = fact_key(prefix, name)
         if key in state.pending_widgets:

@@ -261,3 +261,30 @@ def test_time_left_comes_from_the_runs_own_pace():
     assert time_left(started_at=100.0, progress=0.25, now=110.0) == " (about 30 s left)"
     assert time_left(started_at=0.0, progress=0.5, now=600.0) == " (about 10 min left)"
     assert time_left(started_at=0.0, progress=1.0, now=600.0) == ""
+
+
+def test_example_fact_follows_the_model_until_the_person_types(monkeypatch):
+    """A real model starts from a probe it can answer; the demo keeps its own phrasing; typed text stays."""
+    import streamlit as st
+
+    from ui.state import DEMO_FACT, REAL_MODEL_FACT, AppState, Context, ModelChoice
+    from ui.widgets import fact_key, follow_model_default
+
+    fake_session: dict = {}
+    monkeypatch.setattr(st, "session_state", fake_session)
+    state = AppState()
+    state.context = Context(ModelChoice(spec="smollm2-135m"))
+    follow_model_default(state)
+    assert state.fact == REAL_MODEL_FACT
+    assert fake_session[fact_key("pg", "prompt")] == REAL_MODEL_FACT.prompt
+    assert fake_session[fact_key("cmp", "target_new")] == "Rome"
+
+    state.context = Context(ModelChoice(spec="demo"))
+    follow_model_default(state)
+    assert state.fact == DEMO_FACT and fake_session[fact_key("loc", "prompt")] == DEMO_FACT.prompt
+
+    fake_session[fact_key("pg", "target_new")] = "Germany"  # typed, not yet applied
+    state.context = Context(ModelChoice(spec="smollm2-135m"))
+    follow_model_default(state)
+    assert fake_session[fact_key("pg", "target_new")] == "Germany"
+    assert fake_session[fact_key("pg", "prompt")] == DEMO_FACT.prompt and state.fact == DEMO_FACT
