@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from editing.files import atomic_write_text
 from editing.paths import cache_dir
 from editing.stats import short_digest, weights_digest
 from editing.tokens import encode, pad_batch, pad_id
@@ -45,6 +46,11 @@ MEMIT_LENGTH = 10
 TOP_K = 5
 
 _MEMORY: dict[str, list] = {}
+
+
+def clear_memory_cache() -> None:
+    """Forget templates held in memory (files on disk stay)."""
+    _MEMORY.clear()
 
 
 def _start_token(handle: ModelHandle) -> int:
@@ -191,9 +197,7 @@ def _cached(handle: ModelHandle, kind: str, params: object, seed: int, use_cache
     else:
         value = make()
         if use_cache:
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(value, indent=1))
-            tmp.replace(path)
+            atomic_write_text(path, json.dumps(value, indent=1))
     _MEMORY[key] = value
     return json.loads(json.dumps(value))
 
