@@ -30,6 +30,7 @@ import torch
 
 from editing.files import atomic_write_text
 from editing.paths import cache_dir
+from editing.scoring import continue_sequences
 from editing.stats import short_digest, weights_digest
 from editing.tokens import encode, pad_batch, pad_id
 
@@ -126,24 +127,16 @@ def _top_k_pick(logits: torch.Tensor, top_k: int, generator: torch.Generator) ->
 
 def _sample_incremental(handle: ModelHandle, seqs: list[list[int]], length: int, generator: torch.Generator,
                         top_k: int) -> None:
-    """Grow ``seqs`` in place to ``length`` tokens with the model's key/value cache: rows of equal
-    start length go together (no padding), and each step runs only the newest token."""
-    groups: dict[int, list[int]] = {}
+    """Grow ``seqs`` in place to ``length`` tokens, top-k sampled (:func:`editing.scoring.continue_sequences`:
+    rows of equal start length go together, unpadded, from the key/value cache)."""
+    by_length: dict[int, list[int]] = {}
     for row, seq in enumerate(seqs):
-        groups.setdefault(len(seq), []).append(row)
-    for start_length, rows in sorted(groups.items()):
-        if start_length >= length:
-            continue
-        ids = torch.tensor([seqs[r] for r in rows], device=handle.device)
-        out = handle.model(input_ids=ids, use_cache=True)
-        for _ in range(length - start_length):
-            chosen = _top_k_pick(out.logits[:, -1], top_k, generator)
-            for row, token in zip(rows, chosen, strict=True):
-                seqs[row].append(int(token))
-            if len(seqs[rows[0]]) >= length:
-                break
-            step = torch.tensor(chosen, device=handle.device)[:, None]
-            out = handle.model(input_ids=step, cache=out.cache, use_cache=True)
+        by_length.setdefault(len(seq), []).append(row)
+    for start_length, rows in sorted(by_length.items()):  # one call per length: each grows by its own amount
+        grown = continue_sequences(handle, [seqs[r] for r in rows], length - start_length,
+                                   lambda logits: _top_k_pick(logits, top_k, generator))
+        for row, tokens in zip(rows, grown, strict=True):
+            seqs[row].extend(tokens)
 
 
 @torch.no_grad()

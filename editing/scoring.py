@@ -130,36 +130,61 @@ def top_predictions(handle: ModelHandle, prompts: Sequence[str], k: int = 5) -> 
 
 
 @torch.no_grad()
+def continue_sequences(handle: ModelHandle, seqs: Sequence[Sequence[int]], max_new_tokens: int,
+                       pick: Callable[[torch.Tensor], list[int]], stop_token: int | None = None) -> list[list[int]]:
+    """The tokens that continue each sequence, chosen one step at a time by ``pick`` (the last
+    position's logits, ``(rows, vocab)`` → one token per row).
+
+    Sequences of equal length run together, so nothing is padded and every token sits at exactly
+    the position it has alone (edits that act per position rely on that); each step runs only the
+    newest token against the model's key/value cache. A row stops before ``stop_token`` or at the
+    model's context; at most ``max_new_tokens`` tokens are added.
+    """
+    new: list[list[int]] = [[] for _ in seqs]
+    groups: dict[int, list[int]] = {}
+    for row, seq in enumerate(seqs):
+        groups.setdefault(len(seq), []).append(row)
+    for start_length, rows in sorted(groups.items()):
+        budget = min(max_new_tokens, handle.max_length - start_length)
+        if budget <= 0:
+            continue
+        stopped: set[int] = set()
+        out = handle.model(input_ids=torch.tensor([list(seqs[r]) for r in rows], device=handle.device),
+                           use_cache=True)
+        for step in range(budget):
+            chosen = pick(out.logits[:, -1])
+            for row, token in zip(rows, chosen, strict=True):
+                if row in stopped:
+                    continue
+                if stop_token is not None and token == stop_token:
+                    stopped.add(row)
+                else:
+                    new[row].append(int(token))
+            if len(stopped) == len(rows) or step == budget - 1:
+                break
+            step_ids = torch.tensor(chosen, device=handle.device)[:, None]
+            out = handle.model(input_ids=step_ids, cache=out.cache, use_cache=True)
+    return new
+
+
+def _greedy(logits: torch.Tensor) -> list[int]:
+    return logits.argmax(-1).tolist()
+
+
 @torch.no_grad()
 def generate(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 8,
              batch_size: int = DEFAULT_BATCH) -> list[str]:
     """Greedy continuations (text after the prompt), stopping at EOS or the model's context.
 
-    Each prompt is run once and then extended one token at a time from the model's key/value
-    cache, so a continuation costs one token's forward pass per step instead of the whole prefix
-    (5.6x faster on SmolLM2 for 20 tokens). Prompts go one at a time: no padding, so positions are
-    exactly those of the unpadded prompt, which edits that act per position rely on.
-    ``batch_size`` is kept for callers' compatibility.
+    Prompts of equal token length are run together, unpadded, and extended from the key/value
+    cache (:func:`continue_sequences`): a continuation costs one token's forward pass per step
+    instead of the whole prefix. ``batch_size`` is kept for callers' compatibility.
     """
     del batch_size
     tok = handle.tokenizer
-    eos = tok.eos_token_id
-    results: list[str] = []
-    for prompt in prompts:
-        ids = encode(tok, prompt)
-        new: list[int] = []
-        inputs = torch.tensor([ids], device=handle.device)
-        cache = None
-        while len(new) < max_new_tokens and len(ids) + len(new) < handle.max_length:
-            out = handle.model(input_ids=inputs, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            token = int(out.logits[0, -1].argmax())
-            if eos is not None and token == eos:
-                break
-            new.append(token)
-            inputs = torch.tensor([[token]], device=handle.device)
-        results.append(tok.decode(new).strip())
-    return results
+    continuations = continue_sequences(handle, [encode(tok, p) for p in prompts], max_new_tokens, _greedy,
+                                       stop_token=tok.eos_token_id)
+    return [tok.decode(tokens).strip() for tokens in continuations]
 
 
 class PromptTooLong(ValueError):
