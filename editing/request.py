@@ -6,6 +6,9 @@ import unicodedata
 from dataclasses import asdict, dataclass
 
 MAX_FIELD_CHARS = 1000
+#: the fields of a serialised request, and those it cannot do without
+FIELDS = ("prompt", "subject", "target_new", "target_true")
+REQUIRED_FIELDS = ("prompt", "subject", "target_new")
 
 
 class InvalidEditRequest(ValueError):
@@ -19,6 +22,14 @@ def _clean(value: object, field_name: str, required: bool = True) -> str | None:
         return None
     if not isinstance(value, str):
         raise InvalidEditRequest(f"The {field_name} must be text, not {type(value).__name__}.")
+    # A lone surrogate is not text at all: it cannot be encoded, so the tokenizer would fail with
+    # a raw TypeError much later (it comes from broken UTF-16 or a bad escape such as "\ud800").
+    surrogates = [ch for ch in value if "\ud800" <= ch <= "\udfff"]
+    if surrogates:
+        raise InvalidEditRequest(
+            f"The {field_name} contains an invalid character (a lone surrogate, U+{ord(surrogates[0]):04X}); "
+            "retype it as plain text."
+        )
     text = " ".join(value.split())  # collapse newlines/tabs/runs of spaces
     if any(unicodedata.category(ch) in ("Cc", "Cf") for ch in text):
         raise InvalidEditRequest(f"The {field_name} contains control characters; remove them.")
@@ -67,9 +78,12 @@ class EditRequest:
             raise InvalidEditRequest("The prompt may contain braces only as the {} subject slot.")
         if prompt.strip() == "{}":
             raise InvalidEditRequest("The prompt needs words besides the subject (e.g. '{} is in').")
-        if target_true is not None and target_true == target_new:
+        # Case and spacing are no new fact: "paris" for "Paris" would be reported as an edit that
+        # changed nothing (whitespace is already normalised by _clean).
+        if target_true is not None and target_true.casefold() == target_new.casefold():
             raise InvalidEditRequest(
-                f"The new target {target_new!r} equals the true target: nothing would change."
+                f"The new target {target_new!r} is the true target {target_true!r} (ignoring case and spacing): "
+                "nothing would change. Type a different new target."
             )
         object.__setattr__(self, "prompt", prompt)
         object.__setattr__(self, "subject", subject)
@@ -86,7 +100,16 @@ class EditRequest:
 
     @classmethod
     def from_dict(cls, data: dict) -> EditRequest:
-        unknown = set(data) - {"prompt", "subject", "target_new", "target_true"}
+        """The request of a :meth:`to_dict` mapping; a missing or unknown field is an
+        :class:`InvalidEditRequest` naming it."""
+        if not isinstance(data, dict):
+            raise InvalidEditRequest(f"An edit request must be a mapping of its fields, not {type(data).__name__}.")
+        unknown = set(data) - set(FIELDS)
         if unknown:
-            raise InvalidEditRequest(f"Unknown fields in edit request: {sorted(unknown)}.")
+            raise InvalidEditRequest(f"Unknown fields in edit request: {sorted(map(str, unknown))}; "
+                                     f"known: {list(FIELDS)}.")
+        missing = [name for name in REQUIRED_FIELDS if name not in data]
+        if missing:
+            raise InvalidEditRequest(f"The edit request lacks the field{'s' if len(missing) > 1 else ''} "
+                                     f"{', '.join(missing)} (required: {', '.join(REQUIRED_FIELDS)}).")
         return cls(**data)

@@ -117,13 +117,19 @@ class EditSession:
 
         On any error the stack and the model stay as they were.
         """
-        from editing.methods import get_method
+        from editing.methods import METHODS, get_method
+        from editing.methods.base import EditMethod, as_requests
 
-        method_obj = get_method(method) if isinstance(method, str) else method
-        if isinstance(requests, EditRequest):
-            requests = [requests]
+        if isinstance(method, str):
+            method_obj = get_method(method)
+        elif isinstance(method, EditMethod):
+            method_obj = method
+        else:  # None or a number would fail later as an AttributeError that names no argument
+            raise TypeError(f"method must be a method name (one of {', '.join(sorted(METHODS))}) or an "
+                            f"EditMethod, not {type(method).__name__}.")
+        requests = as_requests(requests)
         with self.active():
-            edit = method_obj.apply(self.handle, list(requests), hparams, progress=progress)
+            edit = method_obj.apply(self.handle, requests, hparams, progress=progress)
         self._stack.append(edit)
         self._redo.clear()
         return edit

@@ -29,6 +29,27 @@ def target_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) -> 
     return list(tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"])
 
 
+def unknown_words(tokenizer: PreTrainedTokenizerBase, text: str) -> list[str]:
+    """The words of ``text`` the tokenizer can only write as its unknown token (in order, once each).
+
+    Always empty for byte-level tokenizers, which spell any text; a word-level vocabulary (the demo
+    model's) turns "Zürich" or "qwertyuiop" into ``<unk>``, and a model taught that answer would
+    only ever say ``<unk>``.
+    """
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return []
+    if not getattr(tokenizer, "is_fast", False):  # no offsets: try each whitespace-separated word
+        return list(dict.fromkeys(
+            word for word in text.split()
+            if unk in tokenizer(" " + word, add_special_tokens=False)["input_ids"]))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    words = [text[start:end] or str(tokenizer.unk_token)
+             for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+             if token == unk]
+    return list(dict.fromkeys(words))
+
+
 def subject_last_token(tokenizer: PreTrainedTokenizerBase, template: str, subject: str) -> int:
     """Index of the subject's last token in ``template`` filled with ``subject``."""
     if "{}" not in template:

@@ -28,6 +28,17 @@ SHOWN = ["step", "n_edits", "reliability", "generality", "locality", "portabilit
          "paraphrase_score", "neighborhood_score", "score", "wall_time_s"]
 
 
+def _at_least_one(text: str) -> int:
+    """A whole number ≥ 1 (``--n -1`` would otherwise run every case but the last)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval", description="EditScope experiments and stored runs.")
     common = argparse.ArgumentParser(add_help=False)
@@ -41,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                                                     "or 'demo' for the bundled fact base")
     run.add_argument("--format", dest="fmt", default=None, help="data set format (default: detected)")
     run.add_argument("--mode", choices=MODES, default="single")
-    run.add_argument("--n", type=int, default=None, help="number of cases (default: all)")
-    run.add_argument("--batch-size", type=int, default=1, help="edits per call in batch mode")
+    run.add_argument("--n", type=_at_least_one, default=None, help="number of cases (default: all)")
+    run.add_argument("--batch-size", type=_at_least_one, default=1, help="edits per call in batch mode")
     run.add_argument("--hparams", default=None, help='hyper-parameter overrides as JSON, e.g. \'{"layer": 1}\'')
     run.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     run.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (GPU only)")

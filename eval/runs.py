@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from editing.request import InvalidEditRequest
 from editing.session import EditSession
 from eval.datasets import EditCase
 from eval.evaluate import ProbeOutcome, evaluate_edit, outcome_table, predict
@@ -63,12 +64,26 @@ def run_experiment(handle: ModelHandle, method: str, cases: Sequence[EditCase], 
     unknown = set(sequential_kinds) - set(PROBE_KINDS)
     if unknown:
         raise ValueError(f"Unknown probe kinds {sorted(unknown)}.")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        # cases[:-1] would silently run all cases but the last
+        raise ValueError(f"n (the number of cases) must be a whole number of at least 1, or None for all; got {n!r}.")
     cases = list(cases[:n] if n is not None else cases)
     if not cases:
         raise ValueError("No cases to run.")
     from editing.methods import get_method
+    from editing.methods.base import check_fits_context, check_spelled
 
-    method_name = get_method(method).name  # fails early, with the list of methods, on a typo
+    method_obj = get_method(method)  # fails early, with the list of methods, on a typo
+    method_name = method_obj.name
+    # What the method would refuse at some step is refused now, before a run is stored: a bad
+    # hyper-parameter or an edit the model cannot read or spell would leave a "failed" run behind.
+    method_obj.resolve_hparams(handle, hparams).validate(handle)
+    for case in cases:
+        try:
+            check_fits_context(handle, case.requests)
+            check_spelled(handle, case.requests)
+        except InvalidEditRequest as err:
+            raise InvalidEditRequest(f"Case {case.case_id}: {err}") from err
     config = {"model": handle.name, "method": method_name, "mode": mode, "n": len(cases),
               "batch_size": batch_size if mode == "batch" else 1, "hparams": hparams or {},
               "dataset": dataset or (cases[0].source if cases else None), "k": k,

@@ -4,6 +4,7 @@ Importing this package registers every method (each module below registers its o
 """
 
 from editing.methods.base import METHODS, EditMethod, HParams, ProgressFn, get_method, register
+from editing.methods.checks import InvalidHParams
 
 
 def available_methods() -> list[str]:
@@ -27,4 +28,5 @@ from editing.methods import (  # noqa: E402, F401
     tpatcher,
 )
 
-__all__ = ["METHODS", "EditMethod", "HParams", "ProgressFn", "available_methods", "get_method", "register"]
+__all__ = ["METHODS", "EditMethod", "HParams", "InvalidHParams", "ProgressFn", "available_methods", "get_method",
+           "register"]

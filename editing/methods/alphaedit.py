@@ -31,13 +31,14 @@ stale on undo and leak between sessions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from editing.compute import LayerSolver
 from editing.edit import Edit, ParamDelta, WeightDelta, handle_stack, register_edit_type
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
+from editing.methods.checks import POSITIVE, FieldCheck, Flag
 from editing.methods.memit import (
     MEMIT_PRESETS,
     MEMITHyperParams,
@@ -67,6 +68,13 @@ class AlphaEditHyperParams(MEMITHyperParams):
     # Also keep the bare prompts' keys, not only the context-averaged ones the reference keeps
     # (an extension: the prompt an edit was asked for is then protected exactly).
     protect_prompt_keys: bool = True
+
+    checks: ClassVar[dict[str, FieldCheck]] = {
+        "nullspace_threshold": POSITIVE,  # 0 leaves an empty null space: nothing would be written
+        "L2": POSITIVE,  # the ridge keeps P·C + L2·I invertible (P·C alone is singular)
+        "sequential": Flag(),
+        "protect_prompt_keys": Flag(),
+    }
 
     @classmethod
     def for_model(cls, handle: ModelHandle) -> AlphaEditHyperParams:

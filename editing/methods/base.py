@@ -7,12 +7,14 @@ hyper-parameter dataclass whose defaults are derived from the model it edits.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from editing.edit import Edit, EditError, handle_stack
 from editing.measure import measure
+from editing.methods.checks import FieldCheck, InvalidHParams, check_fields, from_annotation
 from editing.request import EditRequest, InvalidEditRequest
 
 if TYPE_CHECKING:
@@ -30,28 +32,99 @@ def no_progress(_fraction: float, _message: str) -> None:
 
 @dataclasses.dataclass
 class HParams:
-    """Base of every method's hyper-parameters."""
+    """Base of every method's hyper-parameters.
+
+    Each subclass lists the allowed values of its fields in ``checks`` (field name ->
+    :class:`~editing.methods.checks.FieldCheck`; a subclass adds to its parents' checks), and
+    relations between fields in :meth:`validate_together`. A field without a check of its own is
+    still checked by its type annotation (int, float, bool, str, or one of those or None).
+    """
+
+    checks: ClassVar[dict[str, FieldCheck]] = {}
 
     @classmethod
     def for_model(cls: type[H], handle: ModelHandle) -> H:
         """Defaults for ``handle``'s model (subclasses derive layers from depth)."""
         return cls()
 
+    @classmethod
+    def field_checks(cls) -> dict[str, FieldCheck]:
+        """The check of every field: declared ones (the most derived class wins), else the type's."""
+        declared: dict[str, FieldCheck] = {}
+        for klass in reversed(cls.__mro__):
+            declared.update(vars(klass).get("checks", {}))
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # a class defined inside a function may name types that are not resolvable
+            hints = {}
+        result: dict[str, FieldCheck] = {}
+        for spec in dataclasses.fields(cls):
+            check = declared.get(spec.name) or from_annotation(hints.get(spec.name, spec.type))
+            if check is not None:
+                result[spec.name] = check
+        return result
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self, handle: ModelHandle) -> None:
-        """Raise ``ValueError`` with an actionable message when a setting cannot work on
-        ``handle``'s model (called by :meth:`EditMethod.apply` before any work; default: no check)."""
+    def validate(self, handle: ModelHandle | None = None) -> None:
+        """Raise :class:`InvalidHParams` (a ``ValueError``) naming the first field whose value is
+        not allowed, and its allowed range; bounds that depend on the model (layers, context
+        length) are checked when ``handle`` is given. Called once by :meth:`EditMethod.apply` (and
+        by experiment runs before they store anything) before any work."""
+        values = {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(self)}
+        check_fields(values, self.field_checks(), handle)
+        self.validate_together(handle)
+
+    def validate_together(self, handle: ModelHandle | None) -> None:
+        """Relations between fields, checked after each field passed its own check (default: none)."""
 
     def replace(self: H, **changes: Any) -> H:
         """A copy with some fields changed; unknown names are an error."""
         known = {f.name for f in dataclasses.fields(self)}
         unknown = set(changes) - known
         if unknown:
-            raise ValueError(f"Unknown hyper-parameters for {type(self).__name__}: {sorted(unknown)}; "
-                             f"known: {sorted(known)}.")
+            raise InvalidHParams(f"Unknown hyper-parameters for {type(self).__name__}: {sorted(unknown)}; "
+                                 f"known: {sorted(known)}.")
         return dataclasses.replace(self, **changes)
+
+
+def as_requests(requests: object) -> list[EditRequest]:
+    """``requests`` (one :class:`EditRequest` or an iterable of them) as a list.
+
+    Anything else is a ``TypeError`` saying what was passed, instead of an ``AttributeError`` deep
+    inside a method (``apply(None, ...)``, ``apply(5, ...)``, a plain string or dict)."""
+    if isinstance(requests, EditRequest):
+        return [requests]
+    how = "build them with EditRequest(prompt, subject, target_new) or EditRequest.from_dict"
+    if requests is None or isinstance(requests, str | bytes | Mapping) or not isinstance(requests, Iterable):
+        raise TypeError(f"Edit requests must be an EditRequest or a list of them, not {type(requests).__name__}; "
+                        f"{how}.")
+    listed = list(requests)
+    wrong = [type(item).__name__ for item in listed if not isinstance(item, EditRequest)]
+    if wrong:
+        raise TypeError(f"Edit requests must be EditRequest objects, not {wrong[0]}; {how}.")
+    return listed
+
+
+def check_spelled(handle: ModelHandle, requests: Sequence[EditRequest]) -> None:
+    """Raise :class:`InvalidEditRequest` when a target has words the model's tokenizer can only write
+    as its unknown token (the demo's word-level vocabulary: "Zürich", "france"): the edit would
+    "succeed" and the model then answer ``<unk>``. Byte-level tokenizers spell everything."""
+    from editing.tokens import unknown_words
+
+    tokenizer = handle.tokenizer
+    for request in requests:
+        for label, target in (("new target", request.target_new), ("true target", request.target_true)):
+            words = unknown_words(tokenizer, target) if target else []
+            if words:
+                listed = ", ".join(repr(word) for word in words)
+                many = len(words) > 1
+                raise InvalidEditRequest(
+                    f"The {label} {target!r} has {'words' if many else 'a word'} this model's vocabulary does not "
+                    f"know: {listed}. The model can only write {'them' if many else 'it'} as its unknown token "
+                    f"{tokenizer.unk_token!r}; use words it knows (check the spelling and capitals)."
+                )
 
 
 def check_fits_context(handle: ModelHandle, requests: Sequence[EditRequest]) -> None:
@@ -117,12 +190,11 @@ class EditMethod(ABC):
         Returns the applied :class:`Edit` (``edit.revert(handle)`` undoes it exactly). On any
         error the model is left exactly as it was.
         """
-        if isinstance(requests, EditRequest):
-            requests = [requests]
-        requests = list(requests)
+        requests = as_requests(requests)
         if not requests:
             raise InvalidEditRequest("No edit requests given.")
         check_fits_context(handle, requests)
+        check_spelled(handle, requests)
         params = self.resolve_hparams(handle, hparams)
         params.validate(handle)
         problem = self.readiness(handle, params)

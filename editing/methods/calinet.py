@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -41,6 +41,7 @@ from editing.edit import Edit, EditError, ModulePatch, handle_stack, register_ed
 from editing.hooks import capture
 from editing.learned import TargetBatch, masked_kl, target_batch
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
+from editing.methods.checks import COUNT, LAYERS, NON_NEGATIVE, NON_NEGATIVE_COUNT, POSITIVE, SEED, FieldCheck
 from editing.models import ModelHandle
 from editing.patching import (
     add_to_output,
@@ -132,18 +133,24 @@ class CaliNETHParams(HParams):
     init_std: float = 0.0  # 0: 1/sqrt(d_model)
     seed: int = 0
 
+    checks: ClassVar[dict[str, FieldCheck]] = {
+        "layers": LAYERS,
+        "n_slots": COUNT,
+        "n_templates": COUNT,
+        "lr": POSITIVE,
+        "max_steps": COUNT,
+        "stop_loss": NON_NEGATIVE,
+        "locality_facts": NON_NEGATIVE_COUNT,  # 0: no locality term
+        "locality_coef": NON_NEGATIVE,
+        "locality_stop": NON_NEGATIVE,
+        "init_std": NON_NEGATIVE,
+        "seed": SEED,
+    }
+
     @classmethod
     def for_model(cls, handle: ModelHandle) -> CaliNETHParams:
         """The paper calibrates the last layer's FFN."""
         return cls(layers=(handle.n_layers - 1,))
-
-    def validate(self, handle: ModelHandle) -> None:
-        """Raise ``ValueError`` with an actionable message when a setting cannot work."""
-        bad = [layer for layer in self.layers if not 0 <= int(layer) < handle.n_layers]
-        if not self.layers or bad:
-            raise ValueError(f"Choose layers among 0–{handle.n_layers - 1} (got {list(self.layers)}).")
-        if self.n_slots < 1 or self.n_templates < 1 or self.max_steps < 1:
-            raise ValueError("n_slots, n_templates and max_steps must be at least 1.")
 
 
 @dataclass

@@ -42,6 +42,7 @@ from torch.func import functional_call
 from editing.edit import Edit, EditError, ParamDelta, WeightDelta
 from editing.learned import TargetBatch, target_batch, target_nll
 from editing.methods.base import EditMethod, HParams, ProgressFn, register, scaled_layer
+from editing.methods.checks import COUNT, LAYERS, NON_NEGATIVE, POSITIVE, Choice, FieldCheck, Flag, Items, Maybe
 from editing.models import ModelHandle
 from editing.request import EditRequest
 from editing.scoring import check_length
@@ -79,6 +80,19 @@ class FTHParams(HParams):
     stop_loss: float = 1e-2
     tune_bias: bool = True
 
+    checks: ClassVar[dict[str, FieldCheck]] = {
+        "layers": LAYERS,
+        "modules": Items(Choice(MODULE_KINDS), non_empty=True, distinct=True),
+        "objective": Choice(OBJECTIVES),
+        "norm_constraint": Maybe(POSITIVE),  # ε of the L∞ box; None: unconstrained
+        "steps": COUNT,
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "batch_size": COUNT,
+        "stop_loss": NON_NEGATIVE,
+        "tune_bias": Flag(),
+    }
+
     #: where the tuned layer sits, as a fraction of the depth
     layer_fraction: ClassVar[float] = 0.5
 
@@ -86,26 +100,6 @@ class FTHParams(HParams):
     def for_model(cls, handle: ModelHandle) -> FTHParams:
         """Defaults for ``handle``: one layer at ``layer_fraction`` of the depth."""
         return cls(layers=(scaled_layer(handle.n_layers, cls.layer_fraction),))
-
-    def validate(self, handle: ModelHandle) -> None:
-        """Raise ``ValueError`` with an actionable message when a setting cannot work."""
-        n_layers = handle.n_layers
-        if not self.layers:
-            raise ValueError("Choose at least one layer to fine-tune.")
-        bad_layers = [layer for layer in self.layers if not 0 <= int(layer) < n_layers]
-        if bad_layers:
-            raise ValueError(f"Layers {bad_layers} do not exist; the model has layers 0–{n_layers - 1}.")
-        unknown = [m for m in self.modules if m not in MODULE_KINDS]
-        if unknown or not self.modules:
-            raise ValueError(f"modules must be a non-empty subset of {MODULE_KINDS}, got {list(self.modules)}.")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}.")
-        if self.norm_constraint is not None and not self.norm_constraint > 0:
-            raise ValueError("norm_constraint (ε) must be positive, or None for no constraint.")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be at least 1.")
-        if not self.lr > 0:
-            raise ValueError("lr must be positive.")
 
 
 #: ROME's FT-L settings for its reference models, keyed by (family, layers, d_model): (ε, lr)

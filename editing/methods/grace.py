@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -50,6 +50,7 @@ from editing.edit import Edit, EditError, ModulePatch, handle_stack, register_ed
 from editing.hooks import capture
 from editing.learned import target_batch, target_hits, target_nll
 from editing.methods.base import EditMethod, HParams, ProgressFn, register, scaled_layer
+from editing.methods.checks import COUNT, LAYER, NON_NEGATIVE, POSITIVE, SEED, Choice, FieldCheck, Maybe
 from editing.models import ModelHandle
 from editing.patching import module_inputs, retained_facts
 from editing.request import EditRequest
@@ -207,21 +208,21 @@ class GRACEHParams(HParams):
     value_init: str = "warm"
     seed: int = 0
 
+    checks: ClassVar[dict[str, FieldCheck]] = {
+        "layer": LAYER,
+        "eps_init": Maybe(POSITIVE),  # None: derived from the model
+        "eps_fraction": POSITIVE,
+        "lr": POSITIVE,
+        "n_iter": COUNT,
+        "stop_loss": NON_NEGATIVE,
+        "value_init": Choice(("warm", "cold")),  # the layer's output, or random
+        "seed": SEED,
+    }
+
     @classmethod
     def for_model(cls, handle: ModelHandle) -> GRACEHParams:
         """The layer at GRACE's GPT2-XL depth (35 of 48)."""
         return cls(layer=scaled_layer(handle.n_layers, GRACE_LAYER_FRACTION))
-
-    def validate(self, handle: ModelHandle) -> None:
-        """Raise ``ValueError`` with an actionable message when a setting cannot work."""
-        if not 0 <= self.layer < handle.n_layers:
-            raise ValueError(f"layer {self.layer} does not exist; the model has layers 0–{handle.n_layers - 1}.")
-        if self.value_init not in ("warm", "cold"):
-            raise ValueError("value_init must be 'warm' (the layer's output) or 'cold' (random).")
-        if self.eps_init is not None and not self.eps_init > 0:
-            raise ValueError("eps_init must be positive (or None to derive it from the model).")
-        if self.n_iter < 1 or not self.lr > 0:
-            raise ValueError("n_iter must be at least 1 and lr positive.")
 
 
 _EPS_CACHE: dict[tuple[str, int, int], float] = {}

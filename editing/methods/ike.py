@@ -36,10 +36,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from editing.edit import InferenceWrapper, Route, register_edit_type
-from editing.embeddings import MINILM_NAME, SentenceEncoder, resolve_encoder_kind, sentence_encoder, top_k_similar
+from editing.embeddings import (
+    ENCODER_KINDS,
+    MINILM_NAME,
+    SentenceEncoder,
+    resolve_encoder_kind,
+    sentence_encoder,
+    top_k_similar,
+)
 from editing.factbase import FactBase, load_factbase
 from editing.files import atomic_path
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
+from editing.methods.checks import SEED, Choice, FieldCheck, Number, Text, half_context
 from editing.patching import relation_of
 from editing.paths import cache_dir
 from editing.request import EditRequest
@@ -53,6 +61,7 @@ METHOD = "IKE"
 #: the paper's demonstration mix for 32 demonstrations: 4 copy, 12 update, 16 retain
 TYPE_RATIO = {"copy": 1, "update": 3, "retain": 4}
 SHORT_CONTEXT = 256  # below this many tokens the compact format is the default
+MAX_DEMONSTRATIONS = 256  # the paper retrieves 32; far more than any context holds
 
 
 def new_fact(request: EditRequest) -> str:
@@ -139,6 +148,18 @@ class IKEHParams(HParams):
     reserve_tokens: int = 16  # context left free for the answer
     encoder: str = "auto"  # "minilm", "model" (mean hidden states) or "auto"
     seed: int = 0  # demonstration pool and type shuffling
+
+    checks: ClassVar[dict[str, FieldCheck]] = {
+        "k": Number(1, MAX_DEMONSTRATIONS, whole=True, why="demonstrations retrieved"),
+        "fact_prefix": Text(),
+        "prompt_prefix": Text(),
+        "separator": Text(),
+        # Room left for the answer: a negative reserve lets contexts outgrow the model (every later
+        # prediction fails), more than half the context leaves no room for any demonstration.
+        "reserve_tokens": Number(1, half_context, whole=True, why="at most half the model's context"),
+        "encoder": Choice(ENCODER_KINDS),
+        "seed": SEED,
+    }
 
     @classmethod
     def for_model(cls, handle: ModelHandle) -> IKEHParams:

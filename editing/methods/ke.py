@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -50,6 +50,7 @@ from editing.learned import (
     train_gradient_editor,
 )
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
+from editing.methods.checks import CHECKPOINT, POSITIVE, FieldCheck
 from editing.request import EditRequest
 from editing.scoring import generate
 from editing.tokens import pad_id
@@ -236,6 +237,8 @@ class KEHParams(HParams):
 
     checkpoint: str = ""  # folder of a trained editor; empty: the one trained with the default config
     scale: float = 1.0  # multiplies the predicted shift (1 = as trained)
+
+    checks: ClassVar[dict[str, FieldCheck]] = {"checkpoint": CHECKPOINT, "scale": POSITIVE}
 
 
 @register

@@ -54,6 +54,16 @@ import torch
 from editing.edit import Edit, EditError, ParamDelta, WeightDelta
 from editing.hooks import capture, forward_until, modify
 from editing.methods.base import EditMethod, HParams, ProgressFn, no_progress, register
+from editing.methods.checks import (
+    COUNT,
+    LAYERS,
+    NON_NEGATIVE,
+    NON_NEGATIVE_COUNT,
+    POSITIVE,
+    FieldCheck,
+    InvalidHParams,
+    Number,
+)
 from editing.models import ModelHandle
 from editing.patching import training_prompts
 from editing.request import EditRequest
@@ -80,27 +90,28 @@ class KNHParams(HParams):
     update_scale: float = 8.0
     batch_size: int = 128
 
+    checks: ClassVar[dict[str, FieldCheck]] = {
+        "layers": LAYERS,
+        "steps": COUNT,
+        "attribution_threshold": Number(0, 1, low_open=True, why="a fraction of the largest attribution"),
+        "share_threshold": Number(0, 1, why="a fraction of the prompts"),
+        "min_neurons": COUNT,
+        "max_neurons": COUNT,
+        "n_paraphrases": NON_NEGATIVE_COUNT,
+        "erase_scale": NON_NEGATIVE,
+        "update_scale": POSITIVE,  # zero would write nothing and still be reported as an edit
+        "batch_size": COUNT,
+    }
+
     @classmethod
     def for_model(cls, handle: ModelHandle) -> KNHParams:
         """Attribute every layer of ``handle``'s model."""
         return cls(layers=tuple(range(handle.n_layers)))
 
-    def validate(self, handle: ModelHandle) -> None:
-        """Raise ``ValueError`` with an actionable message when a setting cannot work."""
-        n_layers = handle.n_layers
-        bad = [layer for layer in self.layers if not 0 <= int(layer) < n_layers]
-        if not self.layers or bad:
-            raise ValueError(f"layers must be a non-empty list of layers 0–{n_layers - 1}, got {list(self.layers)}.")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be at least 1.")
-        if not 0 < self.attribution_threshold <= 1:
-            raise ValueError("attribution_threshold is a fraction of the largest attribution, in (0, 1].")
-        if not 0 <= self.share_threshold <= 1:
-            raise ValueError("share_threshold (p) is a fraction of the prompts, in [0, 1].")
-        if not 1 <= self.min_neurons <= self.max_neurons:
-            raise ValueError("Need 1 ≤ min_neurons ≤ max_neurons.")
-        if self.n_paraphrases < 0:
-            raise ValueError("n_paraphrases cannot be negative.")
+    def validate_together(self, handle: ModelHandle | None) -> None:
+        if self.min_neurons > self.max_neurons:
+            raise InvalidHParams(f"Hyper-parameter min_neurons ({self.min_neurons}) must not exceed max_neurons "
+                                 f"({self.max_neurons}).")
 
 
 def last_position_logits(handle: ModelHandle, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -21,7 +21,7 @@ edited at the prompt's last token with λ scaled to ``d_ff`` (:func:`shallow_set
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -36,7 +36,8 @@ from editing.compute import (
 from editing.context import MEMIT_LENGTH, MEMIT_STARTS, memit_context_templates
 from editing.edit import Edit, ParamDelta, WeightDelta
 from editing.methods.base import EditMethod, HParams, ProgressFn, register, scaled_layer
-from editing.methods.rome import is_shallow, model_key
+from editing.methods.checks import CONTEXT_TOKENS, LAYERS, POSITIVE, SEED, TEXTS, FieldCheck
+from editing.methods.rome import STATS_CHECKS, VALUE_CHECKS, is_shallow, model_key
 from editing.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, corpus_defaults, second_moments
 
 if TYPE_CHECKING:
@@ -111,6 +112,18 @@ class MEMITHyperParams(HParams):
     context_length: int = MEMIT_LENGTH
     context_starts: list[str] = field(default_factory=lambda: list(MEMIT_STARTS))
     context_seed: int = 0
+
+    checks: ClassVar[dict[str, FieldCheck]] = {
+        "layers": LAYERS,
+        **VALUE_CHECKS,
+        # λ ≤ 0 does not weigh the old keys at all: (λC + KKᵀ)⁻¹ is then no MEMIT update (a huge
+        # negative λ writes nothing and would still be reported as an edit)
+        "mom2_update_weight": POSITIVE,
+        **STATS_CHECKS,
+        "context_length": CONTEXT_TOKENS,
+        "context_starts": TEXTS,
+        "context_seed": SEED,
+    }
 
     @classmethod
     def for_model(cls, handle: ModelHandle) -> MEMITHyperParams:

@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -47,6 +47,7 @@ from editing.learned import (
     train_gradient_editor,
 )
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
+from editing.methods.checks import CHECKPOINT, POSITIVE, FieldCheck
 from editing.request import EditRequest
 from editing.train import EditRecord, Trainer, register_trainer
 
@@ -241,6 +242,8 @@ class MENDHParams(HParams):
 
     checkpoint: str = ""  # folder of a trained editor; empty: the one trained with the default config
     lr_scale: float = 1.0  # multiplies the learned step sizes α (1 = as trained)
+
+    checks: ClassVar[dict[str, FieldCheck]] = {"checkpoint": CHECKPOINT, "lr_scale": POSITIVE}
 
 
 @register

@@ -32,11 +32,12 @@ its facts there (:data:`SHALLOW_MAX_LAYERS`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from editing.compute import (
+    FACT_TOKENS,
     ValueHParams,
     ValueResult,
     low_rank_delta,
@@ -47,6 +48,21 @@ from editing.compute import (
 from editing.context import ROME_LENGTH_PARAMS, fill, rome_context_templates
 from editing.edit import Edit, WeightDelta
 from editing.methods.base import EditMethod, HParams, ProgressFn, register, scaled_layer
+from editing.methods.checks import (
+    CONTEXT_TOKENS,
+    COUNT,
+    LAYER,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    Choice,
+    FieldCheck,
+    Flag,
+    Items,
+    Number,
+    Row,
+    Text,
+)
 from editing.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, corpus_defaults, second_moment
 
 if TYPE_CHECKING:
@@ -77,6 +93,21 @@ def model_key(handle: ModelHandle) -> tuple[str, int, int]:
     return handle.model.config.model_type, handle.n_layers, handle.d_model
 
 
+#: the target-vector optimisation's settings, shared by ROME, MEMIT and AlphaEdit
+VALUE_CHECKS: dict[str, FieldCheck] = {
+    "v_num_grad_steps": COUNT,
+    "v_lr": POSITIVE,
+    "v_weight_decay": NON_NEGATIVE,
+    "kl_factor": NON_NEGATIVE,
+    "clamp_norm_factor": POSITIVE,  # |δ| ≤ clamp · |v_init|: zero or NaN leaves nothing to write
+    "fact_token": Choice(FACT_TOKENS),
+}
+#: the second-moment statistics' corpus (a name, a file or "hf:...") and sample count
+STATS_CHECKS: dict[str, FieldCheck] = {"mom2_corpus": Text(empty_ok=False), "mom2_n_samples": COUNT}
+#: context templates sampled per length (the reference samples 10)
+TEMPLATE_COUNT = Number(1, 100, whole=True)
+
+
 def is_shallow(handle: ModelHandle) -> bool:
     """True for models edited at the last token (see :data:`SHALLOW_MAX_LAYERS`)."""
     return handle.n_layers <= SHALLOW_MAX_LAYERS
@@ -99,6 +130,16 @@ class ROMEHyperParams(HParams):
     context_template_length_params: list[list[int]] = field(
         default_factory=lambda: [list(p) for p in ROME_LENGTH_PARAMS])
     context_seed: int = 0
+
+    checks: ClassVar[dict[str, FieldCheck]] = {
+        "layer": LAYER,
+        **VALUE_CHECKS,
+        "mom2_adjustment": Flag(),
+        **STATS_CHECKS,
+        # (tokens, count) pairs: each sampled text must leave room for the prompt and its target
+        "context_template_length_params": Items(Row((CONTEXT_TOKENS, TEMPLATE_COUNT), ("tokens", "count"))),
+        "context_seed": SEED,
+    }
 
     @classmethod
     def for_model(cls, handle: ModelHandle) -> ROMEHyperParams:

@@ -50,6 +50,7 @@ from editing.factbase import FactBase, load_factbase
 from editing.files import atomic_path, atomic_write_text
 from editing.learned import TrainedEditorMixin
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
+from editing.methods.checks import CHECKPOINT, FieldCheck, Number
 from editing.patching import relation_of
 from editing.request import EditRequest
 from editing.scoring import score_targets
@@ -559,6 +560,13 @@ class SeracHParams(HParams):
 
     checkpoint: str = ""  # folder of a trained editor; empty: the one trained with the default config
     threshold: float = 0.5  # the paper's decision threshold on the classifier's probability
+
+    # A query is routed when its probability is above the threshold: at 1 none ever is, and the
+    # edit would be a silent no-op.
+    checks: ClassVar[dict[str, FieldCheck]] = {
+        "checkpoint": CHECKPOINT,
+        "threshold": Number(0, 1, high_open=True, why="a probability below 1"),
+    }
 
 
 @register

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -48,6 +48,18 @@ from editing.edit import Edit, EditError, ModulePatch, handle_stack, register_ed
 from editing.hooks import capture
 from editing.learned import target_batch, target_hits, target_nll
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
+from editing.methods.checks import (
+    COUNT,
+    FINITE,
+    LAYER,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    FieldCheck,
+    Flag,
+    InvalidHParams,
+    Maybe,
+)
 from editing.models import ModelHandle
 from editing.patching import (
     add_to_output,
@@ -142,19 +154,32 @@ class TPatcherHParams(HParams):
     act_loss_stop: float = 0.1
     seed: int = 0
 
+    checks: ClassVar[dict[str, FieldCheck]] = {
+        "layer": LAYER,
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "max_steps": COUNT,
+        "act_margin": FINITE,
+        "memory_margin": FINITE,
+        "gap_margin": NON_NEGATIVE,
+        "act_coef": NON_NEGATIVE,
+        "memory_coef": NON_NEGATIVE,
+        "memory_facts": Maybe(COUNT),  # None: every fact-base statement
+        "memory_corpus": Flag(),
+        "memory_top_k": COUNT,
+        "act_loss_stop": NON_NEGATIVE,
+        "seed": SEED,
+    }
+
     @classmethod
     def for_model(cls, handle: ModelHandle) -> TPatcherHParams:
         """The paper patches the last FFN layer."""
         return cls(layer=handle.n_layers - 1)
 
-    def validate(self, handle: ModelHandle) -> None:
-        """Raise ``ValueError`` with an actionable message when a setting cannot work."""
-        if not 0 <= self.layer < handle.n_layers:
-            raise ValueError(f"layer {self.layer} does not exist; the model has layers 0–{handle.n_layers - 1}.")
-        if self.max_steps < 1 or not self.lr > 0:
-            raise ValueError("max_steps must be at least 1 and lr positive.")
+    def validate_together(self, handle: ModelHandle | None) -> None:
         if self.memory_margin >= self.act_margin:
-            raise ValueError("memory_margin must be below act_margin (the patch fires on the edit only).")
+            raise InvalidHParams(f"Hyper-parameter memory_margin ({self.memory_margin:g}) must be below act_margin "
+                                 f"({self.act_margin:g}): the patch must fire on the edit only.")
 
 
 def _memory(handle: ModelHandle, requests: list[EditRequest], hparams: TPatcherHParams) -> torch.Tensor:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from eval.cli import main
+from eval.datasets import load_dataset
+from eval.runs import run_experiment
+from eval.store import RunStore
 
 
 def test_run_list_show_export_delete(demo_handle, rank_one_method, tmp_path, capsys):
@@ -41,3 +45,49 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["run", "--method", "ROME", "--hparams", "[1]", "--store", str(tmp_path / "s.sqlite")]) == 2
     assert "JSON object" in capsys.readouterr().err
+
+
+# -- bad input is refused before a run is stored (issue 13) -------------------------------------------
+@pytest.mark.parametrize("hparams, phrases", [
+    ('{"layer": 99}', ("layer", "from 0 to 3")),
+    ('{"clamp_norm_factor": NaN}', ("clamp_norm_factor", "> 0")),
+    ('{"context_template_length_params": [[1000000, 1]]}', ("context_template_length_params[0][0]",)),
+    ('{"no_such_setting": 1}', ("Unknown hyper-parameters",)),
+])
+def test_a_bad_hyper_parameter_is_refused_before_any_run_is_stored(demo_handle, tmp_path, capsys, hparams, phrases):
+    store = tmp_path / "runs.sqlite"
+    status = main(["run", "--method", "ROME", "--n", "2", "--hparams", hparams, "--store", str(store), "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    for phrase in phrases:
+        assert phrase in err, err
+    assert RunStore(store).list_runs().empty  # no "failed" run row left behind
+
+
+def test_a_target_the_model_cannot_spell_is_refused_before_any_run_is_stored(demo_handle, tmp_path, capsys):
+    record = {"case_id": 7, "requested_rewrite": {"prompt": "The capital of {} is", "subject": "France",
+                                                  "target_new": {"str": "Zürich"}, "target_true": {"str": "Paris"}},
+              "paraphrase_prompts": [], "neighborhood_prompts": []}
+    data, store = tmp_path / "counterfact.json", tmp_path / "runs.sqlite"
+    data.write_text(json.dumps([record]))
+    status = main(["run", "--method", "ROME", "--data", str(data), "--store", str(store), "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 2 and "Case 7" in err and "'Zürich'" in err, err
+    assert RunStore(store).list_runs().empty
+
+
+@pytest.mark.parametrize("option, value", [("--n", "-1"), ("--n", "0"), ("--n", "two"), ("--batch-size", "0")])
+def test_counts_below_one_are_argument_errors(option, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--method", "ROME", option, value, "--store", str(tmp_path / "s.sqlite")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and ("at least 1" in err or "whole number" in err), err
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+def test_run_experiment_refuses_n_below_one(demo_handle):
+    cases = load_dataset("demo", limit=3)
+    for n in (-1, 0, 1.5):
+        with pytest.raises(ValueError, match="at least 1"):
+            run_experiment(demo_handle, "ROME", cases, n=n)

@@ -338,6 +338,7 @@ BAD_FORMS = {
     "huge prompt": ({"prompt": "Eiffel Tower is " + "very " * 400 + "famous in"}, f"at most {MAX_FIELD_CHARS}"),
     "subject missing": ({"subject": "Big Ben"}, "does not occur in the prompt"),
     "target beyond the context": ({"target_new": " ".join(["Italy"] * 120)}, "reads at most"),
+    "target the vocabulary cannot spell": ({"target_new": "Zürich"}, "vocabulary does not know: 'Zürich'"),
 }
 
 
