@@ -1,13 +1,15 @@
 """The dashboard in a real browser: the app served on localhost, headless Chromium through Playwright.
 
 Two browser sessions apply different edits at the same time; each sees only its own edit and the server's
-shared model is bit-identical to the model files afterwards. Screenshots of every page are saved under the
+shared model is bit-identical to the model files afterwards. A Playground edit gets its result while another
+session's sequential experiment is still running. Screenshots of every page are saved under the
 test's tmp folder (and copied to screenshots/ when EDITSCOPE_SCREENSHOTS is set).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +27,7 @@ CHROMIUM = Path(serving.CHROMIUM)
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 LONG = 600_000  # ms: edits and first loads on a busy CPU (300 s once ran out with two burners and two workers)
+MODE_SEQUENTIAL = "Sequential — one edit after another"  # pages/batch.py MODE_LABELS
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +268,93 @@ def test_the_playground_says_what_really_happened(server, browser, shots):
     _shot(page, shots, "truth-3-unknown-subject.png")
     _shot(page, shots, "truth-3b-true-target-and-missing-probes.png", ".st-key-pg_missing")
     _shot(page, shots, "truth-3c-true-target-line.png", ".st-key-pg_true_target")
+
+
+PROGRESS = "[data-testid='stProgress']"  # the Batch page's progress bar, with the run's message
+NOW = 30_000  # ms: reading an element that is on the page now (a finished run's bar goes: fail fast, not in LONG)
+STEP_MESSAGE = re.compile(r"edit (\d+)/(\d+)(: judged)?")  # eval.runs: "edit 3/12: judged 40 probes" ends step 3
+
+
+def _steps_done(message: str) -> tuple[int, int] | None:
+    """(steps finished, steps in all) from a sequential run's progress message; None before its first edit
+    ("predicting before any edit", "starting", "queued")."""
+    match = STEP_MESSAGE.search(message)
+    if match is None:
+        return None
+    step, total = int(match.group(1)), int(match.group(2))
+    return (step if match.group(3) else step - 1), total
+
+
+def _wait_for_steps(page, at_least: int, timeout_s: float) -> tuple[int, int]:
+    """Poll the Batch page's progress bar (redrawn every second) until ``at_least`` steps are done."""
+    deadline = time.perf_counter() + timeout_s
+    while True:
+        done = _steps_done(page.locator(PROGRESS).first.inner_text(timeout=LONG))
+        if done is not None and done[0] >= at_least:
+            return done
+        assert time.perf_counter() < deadline, f"the run did not reach {at_least} step(s) in {timeout_s:g} s"
+        page.wait_for_timeout(250)
+
+
+def test_a_playground_edit_goes_through_while_another_session_runs_a_sequential_experiment(server, browser, shots):
+    """Alice runs a sequential experiment on the Batch page; while it is still editing, Bob's Playground edit
+    gets its result, then her run finishes with its whole curve. Bob's wait is printed, not asserted."""
+    from playwright.sync_api import expect
+
+    method, n_steps = preferred_method(), 12
+    alice, bob = _open(browser, server, height=2400), _open(browser, server, height=1600)
+    for page in (alice, bob):
+        _pick_method(page, method)
+    # Bob's first edit on the idle server: the method's caches (statistics, templates) are warm after it, so
+    # his timed edit below measures the wait beside Alice's run, not a first use.
+    bob_result = bob.locator(serving.RESULT)
+    started = time.perf_counter()
+    bob.get_by_role("button", name="Apply edit", exact=True).click()
+    expect(bob_result).to_contain_text("after: Italy", timeout=LONG)
+    idle_s = time.perf_counter() - started
+    bob.wait_for_selector(serving.IDLE, timeout=LONG)
+    computed_idle = bob.get_by_text("Computed in").first.inner_text().split(" · ")[0]
+
+    _go(alice, "Batch & sequential")
+    alice.get_by_role("button", name="Load data", exact=True).click()
+    alice.get_by_text("Loaded: 16 case(s)").wait_for(timeout=LONG)
+    alice.wait_for_selector(serving.IDLE, timeout=LONG)
+    assert method in alice.locator("[data-testid='stMultiSelect']", has_text="Methods").inner_text()
+    alice.get_by_text(MODE_SEQUENTIAL, exact=True).click()
+    _fill(alice, "Sizes", str(n_steps))
+    alice.get_by_role("button", name="Run", exact=True).click()
+    first = _wait_for_steps(alice, 1, LONG / 1000)  # Bob edits while she edits, not while she predicts
+    assert first[1] == n_steps, first
+    alice_at_click = alice.locator(PROGRESS).first.inner_text(timeout=NOW)
+
+    _fill(bob, "Prompt (with the subject)", "The capital of Japan is")
+    _fill(bob, "Subject", "Japan")
+    _fill(bob, "New target", "Berlin")
+    _fill(bob, "True target (optional)", "Tokyo")
+    started = time.perf_counter()
+    bob.get_by_role("button", name="Apply edit", exact=True).click()
+    expect(bob_result).to_contain_text("after: Berlin", timeout=LONG)
+    busy_s = time.perf_counter() - started
+    alice_message = alice.locator(PROGRESS).first.inner_text(timeout=NOW)  # at once: her page polls every 1 s
+    alice.screenshot(path=str(shots / "busy-1-batch-while-playground-edit-lands.png"), full_page=True)
+    bob.wait_for_selector(serving.IDLE, timeout=LONG)
+    computed_busy = bob.get_by_text("Computed in").first.inner_text().split(" · ")[0]
+    bob.screenshot(path=str(shots / "busy-2-playground-edit-beside-the-run.png"), full_page=True)
+    done_then = _steps_done(alice_message)
+    print(f"\n{method} Playground edit, click to result: {idle_s:.1f} s on the idle server ({computed_idle}), "
+          f"{busy_s:.1f} s beside a sequential run ({computed_busy}); Alice's run at the click: {alice_at_click!r}, "
+          f"at the result: {alice_message!r}")
+    assert done_then is not None and 1 <= done_then[0] < done_then[1] == n_steps, alice_message
+    assert "before the edit: Tokyo" in bob_result.inner_text()
+    assert "Japan: Tokyo → Berlin" in bob.locator("[data-testid='stSidebar']").inner_text()
+
+    # Alice's run goes on to its end and draws its whole curve: one point per edit in every panel.
+    alice.get_by_text("Run ids in the store:").wait_for(timeout=LONG)
+    alice.wait_for_selector(serving.IDLE, timeout=LONG)
+    body = alice.inner_text("body")
+    assert "The experiment was cancelled" not in body and "No step finished" not in body
+    title = alice.locator(".js-plotly-plot .gtitle").first.text_content()
+    assert "Metrics against the number of edits" in title and "so far" not in title, title
+    first_trace = alice.locator(".js-plotly-plot .scatterlayer .trace").first
+    assert first_trace.locator(".points path").count() == n_steps
+    alice.screenshot(path=str(shots / "busy-3-batch-run-finished.png"), full_page=True)
