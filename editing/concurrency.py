@@ -12,7 +12,9 @@ interactive edit for the whole run.
   (app.py does) so idle OpenMP threads sleep instead of spinning.
 * :class:`PriorityLock` is the model handle's lock: reentrant like ``threading.RLock``, but a
   thread inside :func:`background_priority` does not take it while an interactive thread waits,
-  so an interactive edit waits for at most one step of a background run.
+  so an interactive edit waits for at most one step of a background run; an interactive flow that
+  takes the lock several times (predictions, the edit, predictions again) holds
+  :meth:`PriorityLock.claim` around them, so a background run does not slip a step in between.
 * :func:`background_priority` also lowers the OS scheduling priority (``nice``) of the thread
   running it, so the work it does outside the lock yields the cores to interactive requests.
 """
@@ -71,6 +73,7 @@ class PriorityLock:
         self._owner: int | None = None
         self._depth = 0
         self._interactive_waiting = 0
+        self._claims = 0  # interactive flows in progress (see claim)
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """Take the lock (see the class docstring for who goes first); False on timeout."""
@@ -84,7 +87,8 @@ class PriorityLock:
                 self._interactive_waiting += 1
             try:
                 def free() -> bool:
-                    return self._owner is None and (not background or self._interactive_waiting == 0)
+                    return self._owner is None and (
+                        not background or (self._interactive_waiting == 0 and self._claims == 0))
 
                 if not blocking:
                     got = free()
@@ -106,6 +110,27 @@ class PriorityLock:
             self._depth -= 1
             if self._depth == 0:
                 self._owner = None
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def claim(self) -> Iterator[None]:
+        """Within the block, background threads do not take the lock, even while it is free.
+
+        For an interactive flow that takes the lock several times (an edit's predictions before,
+        the edit, the predictions after): measured in the browser, a background run otherwise took
+        a step in each gap, and one Playground edit waited for several of its steps. Holding no
+        lock itself, a claim never blocks; in a background thread it does nothing.
+        """
+        if is_background():
+            yield
+            return
+        with self._cond:
+            self._claims += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._claims -= 1
                 self._cond.notify_all()
 
     def locked(self) -> bool:

@@ -135,8 +135,9 @@ def apply_and_evaluate(session: EditSession, method: str, request: EditRequest, 
     table's ``gen_*`` columns, :func:`eval.evaluate.with_generations`).
     """
     kinds = GENERATION_KINDS if generate else ()
-    return evaluate_edit(session, method, [request], probeset, hparams or None, progress=progress,
-                         generation_kinds=kinds, probe_tokens=GENERATION_TOKENS)
+    with session.handle.lock.claim():  # a background run waits until the whole flow is done
+        return evaluate_edit(session, method, [request], probeset, hparams or None, progress=progress,
+                             generation_kinds=kinds, probe_tokens=GENERATION_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -257,8 +258,9 @@ def compare_methods(handle: ModelHandle, request: EditRequest, methods: Sequence
                 progress((index + fraction) / len(methods), f"{method}: {message}")
 
         try:
-            outcomes[method] = evaluate_edit(scratch, method, [request], probeset, hparams.get(method) or None,
-                                             progress=report)
+            with handle.lock.claim():  # one method's whole flow at a time; a background run waits for it
+                outcomes[method] = evaluate_edit(scratch, method, [request], probeset, hparams.get(method) or None,
+                                                 progress=report)
         except Exception as err:  # one method failing must not hide the others' results
             errors[method] = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     return outcomes, errors

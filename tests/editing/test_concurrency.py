@@ -61,6 +61,41 @@ def test_a_waiting_interactive_thread_goes_before_the_background_run_takes_the_l
     assert order == ["background tries again", "interactive edit", "background step 2"]
 
 
+def test_a_claimed_interactive_flow_keeps_background_steps_out_of_its_gaps():
+    """Predictions, edit, predictions: three holds of the lock, and no background step between them."""
+    lock = PriorityLock()
+    order: list[str] = []
+    claimed, flow_done = threading.Event(), threading.Event()
+
+    def background_run() -> None:
+        with background_priority():
+            assert claimed.wait(10)
+            while not flow_done.is_set():
+                if lock.acquire(blocking=False):
+                    order.append("background step")
+                    lock.release()
+                time.sleep(0.001)
+            with lock:
+                order.append("background step after the flow")
+            with lock.claim():  # a claim in a background thread changes nothing
+                assert lock.acquire(blocking=False)
+                lock.release()
+
+    runner = threading.Thread(target=background_run)
+    runner.start()
+    with lock.claim():
+        claimed.set()
+        for part in ("before", "edit", "after"):
+            with lock:
+                order.append(part)
+            time.sleep(0.02)  # the gap in which an unclaimed flow lost the lock
+    flow_done.set()
+    runner.join(10)
+    assert order[:3] == ["before", "edit", "after"]
+    assert "background step" not in order[:3] and order[-1] == "background step after the flow"
+    assert lock._claims == 0
+
+
 def test_interactive_threads_do_not_wait_for_each_other_beyond_the_lock():
     lock = PriorityLock()
     assert lock.acquire(blocking=False)
