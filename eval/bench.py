@@ -57,6 +57,7 @@ from editing.request import EditRequest
 from editing.session import EditSession
 from editing.tiny import TINY_FAMILIES, tiny_model
 from eval.browser import CHROMIUM, IDLE, RESULT, free_port, server_unavailable_reason, streamlit_server, wait_healthy
+from eval.realcost import EditCost, cost_markdown, measure_edit_cost
 
 GIB = 1024 ** 3
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +94,8 @@ class BenchConfig:
     device: str | None = None
     seed: int = 0
     quick: bool = False
+    #: pretrained models whose ROME edit cost (first, later, peak memory, arithmetic floor) is measured
+    real_models: tuple[str, ...] = ()
 
 
 def quick_config(**changes: Any) -> BenchConfig:
@@ -163,6 +166,7 @@ class BenchResults:
     targets: list[TargetRow] = field(default_factory=list)
     server: dict[str, Any] = field(default_factory=dict)
     measured: dict[str, float] = field(default_factory=dict)  # raw figures for the targets
+    real_costs: list[EditCost] = field(default_factory=list)  # eval.realcost, one per real model
 
     def frames(self) -> dict[str, pd.DataFrame]:
         return {
@@ -170,6 +174,7 @@ class BenchResults:
             "scaling": pd.DataFrame([asdict(r) for r in self.scaling], columns=_columns(ScalingRow)),
             "targets": pd.DataFrame([asdict(r) for r in self.targets], columns=_columns(TargetRow)),
             "server": pd.DataFrame([self.server]) if self.server else pd.DataFrame(columns=["status"]),
+            "real_cost": pd.DataFrame([c.as_dict() for c in self.real_costs]),
         }
 
 
@@ -582,6 +587,10 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> BenchResults:
         log(f"  {results.server}")
     elif not config.server:
         results.server = {"status": "skipped", "reason": "--skip-server"}
+    for spec in config.real_models:
+        log(f"\n== ROME edit cost on {spec} (fresh-install first edit, later edits, arithmetic floor)")
+        results.real_costs.append(measure_edit_cost(load_model(spec, device=device), spec, "ROME"))
+        log(cost_markdown(results.real_costs[-1]))
     results.targets = evaluate_targets(results, config)
     return results
 
@@ -704,6 +713,8 @@ def markdown_report(results: BenchResults) -> str:
                 else:
                     cells.append(f"{cell.wall_s:.2f} ({cell.peak_memory_bytes / 2 ** 20:.0f})")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for cost in results.real_costs:
+        lines += ["", f"### ROME edit cost on a real model — {cost_markdown(cost)}"]
     server = results.server
     lines += ["", "### Time to first result in the Playground", ""]
     if server.get("status") == "ok":
@@ -839,9 +850,13 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Pa
                         help=f"batch sizes for {', '.join(BATCH_METHODS)} (default 1,10,100,1000)")
     parser.add_argument("--sequential", type=int, default=None, help="length of the sequential-editing run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--real", type=_csv, default=(),
+                        help="pretrained models (e.g. smollm2-135m) whose ROME edit cost, peak memory and "
+                             "arithmetic floor are measured (python -m eval.realcost)")
     args = parser.parse_args(argv)
     changes: dict[str, Any] = {"models": args.models, "methods": args.methods, "server": not args.skip_server,
-                               "train": args.train, "device": args.device, "seed": args.seed}
+                               "train": args.train, "device": args.device, "seed": args.seed,
+                               "real_models": args.real}
     if args.edits is not None:
         changes["n_edits"] = args.edits
     if args.batch_sizes is not None:

@@ -6,11 +6,13 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 
 from editing.methods import available_methods, get_method
 from editing.tiny import tiny_model
 from editing.train import EDITORS_ENV
 from eval import bench
+from eval.realcost import EditCost
 
 
 def _fast_ready_method() -> str | None:
@@ -83,3 +85,18 @@ def test_the_command_line_selects_models_methods_and_sizes(tmp_path):
     assert markdown == tmp_path / "b.md"
     full, _, _ = bench.config_from_args([])
     assert full.batch_sizes == (1, 10, 100, 1000) and full.server and full.models == ("demo", "tiny")
+
+
+def test_real_model_edit_cost_is_selected_and_reported():
+    config, _, _ = bench.config_from_args(["--real", "smollm2-135m", "--skip-server"])
+    assert config.real_models == ("smollm2-135m",)
+    assert bench.config_from_args([])[0].real_models == ()  # opt-in: it loads a 135M-parameter model
+    results = bench.BenchResults(machine=bench.machine_info(torch.device("cpu")), config={})
+    results.real_costs.append(EditCost(model="smollm2-135m", method="ROME", threads=2, first_edit_s=26.4,
+                                       cached_edits_s=[18.0, 18.6, 26.0], peak_memory_bytes=2 ** 30,
+                                       memory_kind="rss", flops=int(2.25e12), matmul_flops_per_s=2e11))
+    markdown = bench.markdown_report(results)
+    assert "ROME edit cost on a real model — ROME on smollm2-135m" in markdown
+    assert "| arithmetic floor of a later edit (operations / rate) | 11.2 s |" in markdown
+    assert "| later edit / floor | 1.65 |" in markdown
+    assert results.frames()["real_cost"].loc[0, "floor_s"] == pytest.approx(11.25)
