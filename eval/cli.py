@@ -25,7 +25,8 @@ from eval.runs import MODES
 from eval.store import RunStore
 
 SHOWN = ["step", "n_edits", "reliability", "generality", "locality", "portability", "efficacy_score",
-         "paraphrase_score", "neighborhood_score", "score", "wall_time_s"]
+         "paraphrase_score", "neighborhood_score", "score", "edit_success", "n_efficacy_without_reliability",
+         "locality_known", "n_locality_known", "locality_same_relation", "unrelated_unchanged", "wall_time_s"]
 
 
 def _at_least_one(text: str) -> int:

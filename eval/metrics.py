@@ -9,6 +9,11 @@
   (locality probes: the true answer against the new target); magnitudes are the mean probability
   differences; the score is the harmonic mean of the three success rates.
 * Fluency of generations: ROME's weighted bigram/trigram entropy.
+* Figures that keep the first two honest (:data:`SCOPE_METRICS`): locality over the neighbours the
+  model answered correctly before the edit (agreement credits a neighbour answered "of" both times),
+  locality on same-relation neighbours, the share of unrelated facts (random other facts) left
+  unchanged, and an edit success that needs the greedy answer to be the new target (efficacy only
+  says the new target beats the old one, which a model answering neither can satisfy).
 
 The model-facing numbers come from :mod:`editing.scoring` (batched); this module turns them into
 metrics. :func:`summarize` reads a per-probe table (as built by :mod:`eval.evaluate`).
@@ -41,6 +46,14 @@ METRIC_KEYS = TOKEN_METRICS + COUNTERFACT_METRICS
 #: the same four judged by greedy generation: the share of probes whose continuation contains the
 #: probe's answer (:func:`generation_contains`); present when generations were asked for
 GENERATION_METRICS = ("reliability_gen", "generality_gen", "locality_gen", "portability_gen")
+
+#: figures beside the token-level ones, in display order (see :func:`summarize`); the ``n_`` keys are counts
+SCOPE_METRICS = ("edit_success", "n_efficacy_without_reliability", "locality_known", "n_locality_known",
+                 "n_locality", "locality_same_relation", "unrelated_unchanged", "n_unrelated")
+#: count keys: summed, not averaged, when several steps are pooled (a batch run's point)
+COUNT_KEYS = ("n_efficacy_without_reliability", "n_locality_known", "n_locality", "n_unrelated")
+#: the subkind of locality probes that ask the edit's own relation about other subjects
+SAME_RELATION_SUBKIND = "neighbourhood"
 
 #: which probe kind each CounterFact family reads
 _CF_KINDS = {"efficacy": "reliability", "paraphrase": "generality", "neighborhood": "locality",
@@ -229,11 +242,76 @@ def summarize(table: pd.DataFrame) -> dict[str, float]:
             out[f"{f}_score{suffix}"] for f in ("efficacy", "paraphrase", "neighborhood"))
     for kind in ("locality", "unrelated"):
         out[kind] = _mean(rows(kind)["agreement"]) if len(table) else NAN
+    out.update(scope_summary(table))
     if "gen_hit_after" in table.columns:
         out.update(generation_summary(table))
     ordered = {key: out[key] for key in METRIC_KEYS}
     ordered.update({k: v for k, v in out.items() if k not in ordered})
     return ordered
+
+
+def _flags(values: pd.Series) -> pd.Series:
+    """1.0 where a value is (numerically) 1, 0.0 below, NaN where unknown."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    return (numbers >= 1.0 - 1e-9).astype(float).where(numbers.notna())
+
+
+def _count(mask: pd.Series, rows: pd.DataFrame) -> float:
+    # NaN without probes of the kind, so "no such probe" never reads as "none failed"
+    return float(mask.sum()) if len(rows) else NAN
+
+
+def scope_summary(table: pd.DataFrame) -> dict[str, float]:
+    """The :data:`SCOPE_METRICS` of a per-probe table (``kind``, ``subkind``, ``acc_before/after``,
+    ``agreement`` and the CounterFact ``pcf_*_after`` columns).
+
+    * ``edit_success`` (and ``_before``): share of reliability probes whose greedy answer is the new
+      target — every target token is the argmax (teacher-forced accuracy 1, as
+      :func:`eval.outcomes.gives_answer`). ``n_efficacy_without_reliability``: reliability probes
+      where P(new) beats P(true) (an efficacy success) yet the model does not answer the new target —
+      failures that efficacy counts as successes.
+    * ``locality_known``: agreement over the locality probes the model answered correctly before the
+      edit (accuracy 1 before), as CounterFact's neighbourhood score judges only the true answer;
+      ``n_locality_known`` of ``n_locality`` probes. Plain ``locality`` also credits a neighbour whose
+      wrong answer stayed wrong.
+    * ``locality_same_relation``: agreement over the same-relation neighbours (subkind
+      ``neighbourhood``: the edit's relation asked about other subjects).
+    * ``unrelated_unchanged``: share of unrelated probes (random other facts: other relations, other
+      subjects) whose answer is unchanged — every answer token's argmax the same; ``n_unrelated``.
+    """
+    empty = pd.Series([], dtype=float)
+    kinds = table["kind"] if len(table) else pd.Series([], dtype=str)
+
+    def rows(kind: str) -> pd.DataFrame:
+        return table[kinds == kind] if len(table) else table
+
+    def column(part: pd.DataFrame, name: str) -> pd.Series:
+        return part[name] if len(part) and name in part.columns else empty
+
+    out: dict[str, float] = {}
+    edits = rows("reliability")
+    says = _flags(column(edits, "acc_after"))
+    out["edit_success"] = _mean(says)
+    out["edit_success_before"] = _mean(_flags(column(edits, "acc_before")))
+    answer = pd.to_numeric(column(edits, "pcf_answer_after"), errors="coerce")
+    contrast = pd.to_numeric(column(edits, "pcf_contrast_after"), errors="coerce")
+    compared = answer.notna() & contrast.notna()
+    beats = compared & (answer > contrast)
+    out["n_efficacy_without_reliability"] = (_count(beats & (says == 0.0), edits)
+                                             if compared.any() else NAN)
+
+    neighbours = rows("locality")
+    known = _flags(column(neighbours, "acc_before")) == 1.0
+    out["locality_known"] = _mean(column(neighbours, "agreement")[known]) if known.any() else NAN
+    out["n_locality_known"] = _count(known, neighbours)
+    out["n_locality"] = float(len(neighbours)) if len(neighbours) else NAN
+    same = column(neighbours, "subkind") == SAME_RELATION_SUBKIND
+    out["locality_same_relation"] = _mean(column(neighbours, "agreement")[same]) if same.any() else NAN
+
+    unrelated = rows("unrelated")
+    out["unrelated_unchanged"] = _mean(_flags(column(unrelated, "agreement")))
+    out["n_unrelated"] = float(len(unrelated)) if len(unrelated) else NAN
+    return out
 
 
 def generation_summary(table: pd.DataFrame) -> dict[str, float]:

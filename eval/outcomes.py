@@ -262,3 +262,53 @@ def says_share(table: pd.DataFrame, when: str = "after", kinds: Sequence[str] = 
         return math.nan
     values = pd.to_numeric(table.loc[table["kind"].isin(kinds), column], errors="coerce").dropna()
     return float(values.mean()) if len(values) else math.nan
+
+
+# -- the figures beside a tile ---------------------------------------------------------------------------
+def _number(metrics: dict[str, float], key: str) -> float:
+    value = metrics.get(key)
+    try:
+        return math.nan if value is None else float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def locality_detail(metrics: dict[str, float]) -> str:
+    """One or two sentences beside the locality figure (agreement): locality over the neighbours the
+    model knew before the edit, and the unrelated facts left unchanged ("" when there is neither).
+
+    Agreement credits a neighbour the model never answered right for keeping its wrong answer;
+    :func:`eval.metrics.scope_summary` also reports locality over the known neighbours only.
+    """
+    parts = []
+    total, known = _number(metrics, "n_locality"), _number(metrics, "n_locality_known")
+    if not math.isnan(total) and not math.isnan(known):
+        total, known = int(total), int(known)
+        if known == 0:
+            parts.append(f"Locality (known neighbours, n=0): n/a — the model answered none of the {total} "
+                         f"neighbour(s) correctly before the edit, so the agreement only says wrong answers stayed "
+                         f"wrong.")
+        else:
+            value = _number(metrics, "locality_known")
+            unknown = (f"; the agreement also credits the {total - known} neighbour(s) it never answered right "
+                       f"for keeping a wrong answer" if known < total else "")
+            parts.append(f"Locality (known neighbours, n={known} of {total}): {value:.0%} — over the neighbours "
+                         f"the model answered correctly before the edit{unknown}.")
+    unrelated, count = _number(metrics, "unrelated_unchanged"), _number(metrics, "n_unrelated")
+    if not math.isnan(unrelated) and not math.isnan(count):
+        parts.append(f"Unrelated facts (random other facts) unchanged: {unrelated:.0%} of {int(count)}.")
+    return " ".join(parts)
+
+
+def efficacy_detail(metrics: dict[str, float]) -> str:
+    """A sentence beside efficacy when some edit prompt passes it without the model answering the new
+    target (efficacy without reliability: the new target beats the true one, the answer is neither);
+    "" otherwise."""
+    failures = _number(metrics, "n_efficacy_without_reliability")
+    if math.isnan(failures) or failures < 1:
+        return ""
+    success = _number(metrics, "edit_success")
+    shown = f"{success:.0%}" if not math.isnan(success) else "n/a"
+    return (f"Efficacy without reliability: {int(failures)} edit prompt(s) where the new target beats the true "
+            f"one but the model answers neither — failures, so edit success (the greedy answer is the new "
+            f"target) is {shown}.")

@@ -41,7 +41,10 @@ ProgressFn = Callable[[float, str], None]
 #: kinds judged at every step of a sequential run (unrelated probes only when asked for, to keep it affordable)
 SEQUENTIAL_KINDS = ("reliability", "generality", "locality", "portability")
 #: summary columns restricted to the first edits of a sequential run
-FIRST_METRICS = ("reliability", "generality", "locality", "portability", "efficacy_score", "score")
+FIRST_METRICS = ("reliability", "generality", "locality", "portability", "efficacy_score", "score",
+                 # efficacy alone counted FT-L's first edits 0.8 after 50 edits while none was answered: the
+                 # first edits' edit success (greedy answer = new target) and those failures are tracked too
+                 "edit_success", "n_efficacy_without_reliability", "locality_known", "n_locality_known")
 
 
 def run_experiment(handle: ModelHandle, method: str, cases: Sequence[EditCase], mode: str = "single",

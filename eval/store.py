@@ -24,6 +24,7 @@ import pandas as pd
 
 from editing.files import atomic_write_text
 from editing.paths import cache_dir
+from eval.metrics import COUNT_KEYS
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -58,7 +59,8 @@ CREATE TABLE IF NOT EXISTS probe_results (
 """
 
 #: metrics shown per run in :meth:`RunStore.list_runs`
-LISTED_METRICS = ("reliability", "generality", "locality", "portability", "score")
+LISTED_METRICS = ("reliability", "generality", "locality", "portability", "score", "edit_success",
+                  "n_efficacy_without_reliability")
 
 
 @dataclass
@@ -85,6 +87,9 @@ def final_metrics(summary: pd.DataFrame, mode: str) -> dict[str, Any]:
         return {}
     numeric = summary.select_dtypes("number")
     values = numeric.iloc[-1] if mode == "sequential" else numeric.mean()
+    if mode != "sequential":  # counts of separate steps add up (a mean count would read as a count)
+        for key in (k for k in COUNT_KEYS if k in numeric.columns):
+            values[key] = numeric[key].sum(min_count=1)
     return {k: _plain(v) for k, v in values.items() if k not in ("step",)}
 
 

@@ -14,7 +14,7 @@ from editing.methods import available_methods, get_method
 from editing.safety import resolve_allowed, save_upload
 from eval.datasets import load_dataset
 from ui.jobs import ExperimentJob, ExperimentPlan, curves_from, parse_sizes, run_store, time_left
-from ui.plots import CORE_METRICS, METRIC_LABELS, metric_curves
+from ui.plots import CORE_METRICS, CURVE_METRICS, SCOPE_COLUMNS, TABLE_LABELS, metric_curves
 from ui.state import AppState, LoadedDataset, get_state
 from ui.widgets import hparams_note, show_error
 
@@ -130,7 +130,7 @@ def _experiment_section(state: AppState) -> None:
 def _curves_chart(job: ExperimentJob, curves: pd.DataFrame, running: bool) -> None:
     x_title = X_TITLES[job.plan.mode]
     so_far = " — so far" if running else ""
-    st.plotly_chart(metric_curves(curves, "x", x_title,
+    st.plotly_chart(metric_curves(curves, "x", x_title, CURVE_METRICS,
                                   title=f"Metrics against the {x_title} ({job.plan.dataset}){so_far}"),
                     key="batch_curves_live" if running else "batch_curves")
 
@@ -169,8 +169,12 @@ def _job_section(state: AppState) -> None:
         return
     x_title = X_TITLES[job.plan.mode]
     _curves_chart(job, curves, running=False)
-    columns = ["method", "x", *[m for m in (*CORE_METRICS, "score", "wall_time_s") if m in curves.columns]]
-    st.dataframe(curves[columns].rename(columns={"x": x_title, **METRIC_LABELS}), hide_index=True, key="batch_table")
+    # edit success and the efficacy-only failures beside the survey's four; a sequential run also shows its
+    # first edits' (FT-L once kept first-edit efficacy 0.8 after 50 edits with none of them answered)
+    first = ("first_efficacy_score", "first_edit_success", "first_n_efficacy_without_reliability")
+    shown = (*CORE_METRICS, *SCOPE_COLUMNS, "score", *first, "wall_time_s")
+    columns = ["method", "x", *[m for m in shown if m in curves.columns]]
+    st.dataframe(curves[columns].rename(columns={"x": x_title, **TABLE_LABELS}), hide_index=True, key="batch_table")
     st.caption("Run ids in the store: " + ", ".join(str(r.result.run_id) for r in job.results))
 
 
@@ -201,7 +205,7 @@ def _past_runs_section(state: AppState) -> None:
                 st.info("These runs have no finished step.")
             else:
                 x_title = X_TITLES.get(mode, "batch size")
-                st.plotly_chart(metric_curves(curves, "x", x_title), key="past_runs_curves")
+                st.plotly_chart(metric_curves(curves, "x", x_title, CURVE_METRICS), key="past_runs_curves")
     run_id = st.selectbox("Export or delete a run", ids, key="past_run_one", format_func=lambda i: _run_label(runs, i))
     left, middle, right = st.columns(3)
     for column, suffix, label in ((left, ".csv", "Download summary (CSV)"), (middle, ".json", "Download all (JSON)")):

@@ -9,7 +9,16 @@ from editing.methods import available_methods, get_method
 from editing.session import EditSession
 from eval.outcomes import resolve_true_target
 from ui.actions import carried_true_target, compare_methods, metrics_frame, predictions_frame, probeset_for
-from ui.plots import CORE_METRICS, METRIC_LABELS, cost_figure, memory_is_comparable, metrics_bars, metrics_radar
+from ui.plots import (
+    CORE_METRICS,
+    SCOPE_COLUMNS,
+    TABLE_LABELS,
+    cost_figure,
+    known_neighbours_label,
+    memory_is_comparable,
+    metrics_bars,
+    metrics_radar,
+)
 from ui.sidebar import PREFERRED_METHODS
 from ui.state import AppState, CompareResult, FactInputs, get_state
 from ui.widgets import (
@@ -114,13 +123,22 @@ def _show(result: CompareResult) -> None:
     if not result.outcomes:
         return
     metrics = metrics_frame(result.outcomes)
-    columns = [c for c in (*CORE_METRICS, *COUNTERFACT_METRICS) if c in metrics.columns]
-    shown = metrics[columns].rename(columns=METRIC_LABELS)
+    core = [c for c in CORE_METRICS if c in metrics.columns]
+    columns = core + [c for c in COUNTERFACT_METRICS if c in metrics.columns]
+    # beside the survey's four: edit success (efficacy alone passes an edit the model does not answer) and
+    # locality over known neighbours and unrelated facts; every method starts from the same model, so the
+    # number of known neighbours goes in the label
+    scope = [c for c in SCOPE_COLUMNS if c in metrics.columns and c != "n_locality_known"]
+    known = metrics["n_locality_known"].tolist() if "n_locality_known" in metrics.columns else []
+    labels = {**TABLE_LABELS, "locality_known": known_neighbours_label(known)}
+    shown = metrics[[*core, *scope, *columns[len(core):]]].rename(columns=labels)
     shown["time (s)"] = metrics["wall_time_s"]
     comparable = memory_is_comparable(list(metrics["memory_kind"]))
     if comparable:
         shown["peak GPU memory (MiB)"] = metrics["peak_memory_bytes"] / 2**20
-    st.dataframe(shown.style.format("{:.3f}", na_rep="n/a"), key="cmp_metrics")
+    counts = [labels[c] for c in scope if c.startswith("n_")]
+    st.dataframe(shown.style.format("{:.3f}", na_rep="n/a").format("{:.0f}", na_rep="n/a", subset=counts),
+                 key="cmp_metrics")
     chart = st.segmented_control("Chart", ["Radar", "Bars"], default="Radar", key="cmp_chart",
                                  persist_state="session")
     left, right = st.columns(2)

@@ -15,8 +15,10 @@ from editing.request import EditRequest
 from eval.datasets import EditCase, load_dataset
 from eval.outcomes import (
     GENERATION_TOKENS,
+    efficacy_detail,
     format_prob,
     generated_rows,
+    locality_detail,
     missing_probe_reasons,
     resolve_true_target,
     says_share,
@@ -63,8 +65,10 @@ TILE_HELP = {
                    "not say that the model writes the target.",
     "generality": "Token accuracy of the new target on paraphrases of the edit prompt (teacher-forced, as "
                   "reliability).",
-    "locality": "Agreement, token by token, of the answers of neighbouring facts after the edit with their answers "
-                "before it (1 = nothing outside the edit moved).",
+    "locality": "Locality (agreement): agreement, token by token, of the answers of neighbouring facts after the "
+                "edit with their answers before it (1 = nothing outside the edit moved). It also credits a "
+                "neighbour the model never answered right for keeping its wrong answer; the locality over the "
+                "known neighbours (answered correctly before the edit) is given below the tiles.",
     "portability": "Token accuracy of the expected answers of the edit's consequences (e.g. 2-hop questions through "
                    "the new object: the capital of the country the landmark is now in).",
     "efficacy_score": "CounterFact's efficacy: share of edit prompts where P(new target) > P(true target), each the "
@@ -205,6 +209,9 @@ def _known(value: float | None) -> bool:
 
 
 def _metric_tiles(metrics: dict[str, float], missing: dict[str, str]) -> None:
+    # the figures that keep locality and efficacy honest, in the tiles' help and below them
+    details = {"locality": locality_detail(metrics), "efficacy_score": efficacy_detail(metrics)}
+
     def tile(column, key: str) -> None:
         value, before = metrics.get(key), metrics.get(f"{key}_before")
         shown = f"{value:.0%}" if _known(value) else "n/a"
@@ -212,6 +219,9 @@ def _metric_tiles(metrics: dict[str, float], missing: dict[str, str]) -> None:
         help_text = TILE_HELP[key]
         if not _known(value) and key in missing:
             help_text += f" — n/a: no {key} probes, because {missing[key]}."
+        detail = details.get(key, "")
+        if detail:
+            help_text += " " + detail
         column.metric(METRIC_LABELS[key], shown, delta=delta, help=help_text, border=True)
 
     cols = st.columns(4)
@@ -224,6 +234,9 @@ def _metric_tiles(metrics: dict[str, float], missing: dict[str, str]) -> None:
                    if not _known(metrics.get(k)) and k not in missing]
     if unexplained:
         st.caption(f"n/a: this edit has no {', '.join(unexplained)} probes.")
+    shown = " ".join(d for d in details.values() if d)
+    if shown:
+        st.caption(shown)
 
 
 def probe_table_view(table: pd.DataFrame) -> pd.io.formats.style.Styler:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from editing.concurrency import background_priority
 from editing.models import ModelHandle
+from eval.metrics import COUNT_KEYS
 
 MODES = ("batch", "sequential")
 #: background runs and trainings at once: each uses one core, the rest stay free for interactive edits
@@ -233,8 +234,9 @@ class ExperimentJob:
 def curves_from(mode: str, summaries: list[tuple[str, int, pd.DataFrame]]) -> pd.DataFrame:
     """Curve points (columns ``method``, ``x`` and the metrics) from run summaries.
 
-    A batch run gives one point at x = its batch size: the mean over its batches. A sequential
-    run gives one point per step at x = the number of edits so far (metrics over all of them).
+    A batch run gives one point at x = its batch size: the mean over its batches (counts such as
+    ``n_efficacy_without_reliability`` are summed). A sequential run gives one point per step at
+    x = the number of edits so far (metrics over all of them).
     """
     frames = []
     for method, size, summary in summaries:
@@ -244,7 +246,10 @@ def curves_from(mode: str, summaries: list[tuple[str, int, pd.DataFrame]]) -> pd
             part = summary.select_dtypes("number").copy()
             part["x"] = summary["n_edits"]
         else:
-            part = summary.select_dtypes("number").mean().to_frame().T
+            numeric = summary.select_dtypes("number")
+            part = numeric.mean().to_frame().T
+            for key in (k for k in COUNT_KEYS if k in numeric.columns):
+                part[key] = numeric[key].sum(min_count=1)
             part["x"] = size
         part.insert(0, "method", method)
         frames.append(part)

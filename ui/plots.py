@@ -47,7 +47,35 @@ METRIC_LABELS = {
     "score": "Score (harmonic mean)",
     "fluency": "Fluency",
     "says": "Says the new target",
+    # the figures beside them (eval.metrics.SCOPE_METRICS), named by what they count
+    "edit_success": "Edit success (answers the new target)",
+    "n_efficacy_without_reliability": "Efficacy without reliability (n)",
+    "locality_known": "Locality (known neighbours)",
+    "n_locality_known": "Known neighbours (n)",
+    "n_locality": "Neighbours (n)",
+    "locality_same_relation": "Locality (same-relation neighbours)",
+    "unrelated": "Locality (random other facts)",
+    "unrelated_unchanged": "Unrelated facts unchanged (random other facts)",
+    "n_unrelated": "Unrelated facts (n)",
 }
+#: labels in tables, where locality stands beside its other figures: the plain one is named by how it counts
+TABLE_LABELS = {**METRIC_LABELS, "locality": "Locality (agreement)",
+                "first_efficacy_score": "First edits: efficacy score",
+                "first_edit_success": "First edits: edit success",
+                "first_n_efficacy_without_reliability": "First edits: efficacy without reliability (n)"}
+#: the panels of the batch and sequential curves: the survey's four, then edit success, which (unlike
+#: efficacy) fails an edit whose new target beats the old one while the model answers neither
+CURVE_METRICS = (*CORE_METRICS, "edit_success")
+#: the columns experiment and comparison tables add after the survey's four
+SCOPE_COLUMNS = ("edit_success", "n_efficacy_without_reliability", "locality_known", "n_locality_known",
+                 "locality_same_relation", "unrelated_unchanged")
+
+
+def known_neighbours_label(counts: Sequence[float]) -> str:
+    """The known-neighbour locality's column label, with its n when every row has the same one."""
+    known = {int(c) for c in counts if c is not None and not pd.isna(c)}
+    label = METRIC_LABELS["locality_known"]
+    return label.replace(")", f", n={known.pop()})") if len(known) == 1 else label
 LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50), hoverlabel=dict(align="left"))
 
 

@@ -71,6 +71,13 @@ def test_playground_applies_the_edit_and_shows_what_changed(edited):
     tiles = {m.label: m.value for m in at.metric}
     assert tiles["Reliability"] == f"{result.outcome.metrics['reliability']:.0%}" == "100%"
     assert set(tiles) >= {"Generality", "Locality", "Portability", "Efficacy score", "Score (harmonic mean)"}
+    # the locality tile is agreement; beside it, locality over the neighbours the model knew, and how many
+    metrics = result.outcome.metrics
+    known = (f"Locality (known neighbours, n={int(metrics['n_locality_known'])} of {int(metrics['n_locality'])}): "
+             f"{metrics['locality_known']:.0%}")
+    locality_tile = next(m for m in at.metric if m.label == "Locality")
+    assert "Locality (agreement)" in locality_tile.proto.help and known in locality_tile.proto.help
+    assert any(known in c.value for c in at.caption)
     assert "Top next token before the edit: **France** → after: **Italy**" in markdown_text(at)
     shown = table_with(at, "outcome")
     assert len(shown) == len(table) and {"generality", "locality", "portability", "unrelated"} <= set(shown["kind"])
@@ -398,6 +405,14 @@ def test_compare_page_runs_each_method(edited):
     assert result.outcomes, result.errors
     metrics = table_with(at, "time (s)")
     assert list(metrics.index) == list(result.outcomes)
+    # both localities named, unrelated facts and edit success beside them, from each method's own metrics
+    named = {"Locality (agreement)", "Locality (same-relation neighbours)", "Edit success (answers the new target)",
+             "Efficacy without reliability (n)", "Unrelated facts unchanged (random other facts)"}
+    assert named <= set(metrics.columns)
+    n_known = {int(o.metrics["n_locality_known"]) for o in result.outcomes.values()}
+    assert f"Locality (known neighbours, n={n_known.pop()})" in metrics.columns and not n_known
+    for method, outcome in result.outcomes.items():
+        assert metrics.loc[method, "Edit success (answers the new target)"] == outcome.metrics["edit_success"]
     predictions = table_with(at, "pred_before", "kind", "prompt")
     for method in result.outcomes:
         assert method in predictions.columns
@@ -443,6 +458,10 @@ def test_batch_page_runs_cancels_and_lists_runs(run_store_path):
     assert figure["layout"]["xaxis"]["tickvals"] == [1, 2]  # whole batch sizes, no tick at 1.5
     assert any("methods of your last run (FT-L)" in c.value for c in at.caption)
     assert all(0.0 <= v <= 1.0 for v in curves["Reliability"])
+    # an edit counts as a success only where the model answers the new target: curve and table
+    assert {"Edit success (answers the new target)", "Efficacy without reliability (n)",
+            "Locality (agreement)"} <= set(curves.columns)
+    assert "Edit success (answers the new target)" in [a["text"] for a in figure["layout"]["annotations"]]
     runs = table_with(at, "run_id", "status")
     assert len(runs) == 2 and set(runs["batch_size"]) == {1, 2} and set(runs["status"]) == {"done"}
     # a sequential run cancelled right away keeps what it did and says so

@@ -169,6 +169,41 @@ def test_experiment_plan_tasks_and_curves():
     assert points["x"].tolist() == [1, 2, 3] and points["method"].unique().tolist() == ["ROME"]
 
 
+def test_experiment_curves_fail_efficacy_without_reliability_and_add_up_counts():
+    """A batch point pools its batches: rates are averaged, counts of failures and known neighbours summed; the
+    curves draw edit success (answers the new target) beside the survey's four, and the tables name both
+    localities."""
+    steps = pd.DataFrame({"step": [1, 2], "n_edits": [2, 2], "reliability": [0.0, 0.5], "efficacy_score": [1.0, 0.5],
+                          "edit_success": [0.0, 0.5], "n_efficacy_without_reliability": [2.0, 1.0],
+                          "locality": [1.0, 1.0], "locality_known": [0.5, float("nan")],
+                          "n_locality_known": [2.0, 0.0]})
+    point = curves_from("batch", [("FT-L", 2, steps)]).iloc[0]
+    assert point["edit_success"] == 0.25 and point["efficacy_score"] == 0.75
+    assert point["n_efficacy_without_reliability"] == 3 and point["n_locality_known"] == 2
+    assert point["locality_known"] == 0.5
+    assert "edit_success" in plots.CURVE_METRICS
+    fig = plots.metric_curves(curves_from("batch", [("FT-L", 2, steps)]), "x", "batch size", plots.CURVE_METRICS)
+    assert "Edit success (answers the new target)" in [a.text for a in fig.layout.annotations]
+    assert plots.TABLE_LABELS["locality"] == "Locality (agreement)"
+    assert plots.known_neighbours_label([3.0, 3.0]) == "Locality (known neighbours, n=3)"
+    assert plots.known_neighbours_label([3.0, 2.0]) == "Locality (known neighbours)"
+
+
+def test_locality_and_efficacy_details_name_what_they_count():
+    from eval.outcomes import efficacy_detail, locality_detail
+
+    metrics = {"locality": 1.0, "locality_known": 0.5, "n_locality_known": 2.0, "n_locality": 5.0,
+               "unrelated_unchanged": 0.8, "n_unrelated": 5.0, "edit_success": 0.0,
+               "n_efficacy_without_reliability": 1.0}
+    text = locality_detail(metrics)
+    assert "Locality (known neighbours, n=2 of 5): 50%" in text and "3 neighbour(s) it never answered" in text
+    assert "Unrelated facts (random other facts) unchanged: 80% of 5" in text
+    assert "n/a" in locality_detail({**metrics, "n_locality_known": 0.0, "locality_known": float("nan")})
+    assert locality_detail({}) == ""
+    assert "1 edit prompt(s)" in efficacy_detail(metrics) and "edit success" in efficacy_detail(metrics)
+    assert efficacy_detail({**metrics, "n_efficacy_without_reliability": 0.0}) == ""
+
+
 def test_default_method_prefers_rome_then_ft_l():
     assert default_method(["FT", "FT-L", "ROME"]) == "ROME"
     assert default_method(["FT", "FT-L", "KN"]) == "FT-L"

@@ -112,6 +112,50 @@ def test_summarize_by_hand():
     assert m["score_before"] == 0.0
 
 
+def _scoped(kind, acc_before, acc_after, agree, subkind=None, answer_after=np.nan, contrast_after=np.nan):
+    return {**_row(kind, acc_before, acc_after, agree, answer_after, contrast_after), "subkind": subkind}
+
+
+def test_locality_over_known_neighbours_does_not_credit_facts_the_model_never_knew():
+    """A neighbour answered "of" before and after agrees with itself: agreement scores it 1.0, but the model
+    never knew the fact, so CounterFact-style locality leaves it out (and says how many neighbours are left)."""
+    table = pd.DataFrame([
+        _scoped("reliability", 0.0, 1.0, 0.0),
+        _scoped("locality", 0.0, 0.0, 1.0, "neighbourhood"),  # never knew it, answered "of" both times
+        _scoped("locality", 0.0, 0.0, 1.0, "neighbourhood"),
+        _scoped("locality", 1.0, 0.0, 0.0, "neighbourhood"),  # knew it, the edit broke it
+        _scoped("locality", 1.0, 1.0, 1.0, "relation-specificity"),  # knew it, kept it
+        _scoped("unrelated", 1.0, 1.0, 1.0),
+        _scoped("unrelated", 1.0, 0.5, 0.5),  # one of two answer tokens moved: the answer changed
+        _scoped("unrelated", 0.0, 0.0, 1.0),
+    ])
+    m = summarize(table)
+    assert m["locality"] == 0.75  # agreement, unchanged: the never-known neighbours count as kept
+    assert m["locality_known"] == 0.5 and m["n_locality_known"] == 2 and m["n_locality"] == 4
+    assert m["locality_same_relation"] == pytest.approx(2 / 3)  # the edit's relation, other subjects
+    assert m["unrelated"] == pytest.approx(2.5 / 3)  # agreement, unchanged
+    assert m["unrelated_unchanged"] == pytest.approx(2 / 3) and m["n_unrelated"] == 3
+    nobody_known = summarize(table[(table["kind"] != "locality") | (table["acc_before"] < 1)])
+    assert nobody_known["n_locality_known"] == 0 and math.isnan(nobody_known["locality_known"])
+
+
+def test_efficacy_without_reliability_is_a_failed_edit():
+    """FT-L after 50 edits: the new target beat the old one on 4 of 5 first edits (efficacy 0.8) while the
+    model answered the new target on none (reliability 0.0). Edit success counts those as failures."""
+    rows = [_scoped("reliability", 0.0, 0.0, 0.0, answer_after=0.2, contrast_after=0.1) for _ in range(4)]
+    rows.append(_scoped("reliability", 0.0, 0.0, 0.0, answer_after=0.1, contrast_after=0.3))
+    m = summarize(pd.DataFrame(rows))
+    assert m["efficacy_score"] == pytest.approx(0.8) and m["reliability"] == 0.0
+    assert m["edit_success"] == 0.0 and m["edit_success_before"] == 0.0
+    assert m["n_efficacy_without_reliability"] == 4
+    written = summarize(pd.DataFrame([_scoped("reliability", 0.0, 1.0, 0.0, answer_after=0.6, contrast_after=0.1),
+                                      _scoped("reliability", 0.0, 0.5, 0.0, answer_after=0.6, contrast_after=0.1)]))
+    # half a two-token target is 0.5 reliability but not an answer
+    assert written["edit_success"] == 0.5 and written["n_efficacy_without_reliability"] == 1
+    assert math.isnan(summarize(pd.DataFrame([_scoped("reliability", 0.0, 1.0, 0.0)]))[
+        "n_efficacy_without_reliability"])  # nothing to compare (no true target): no count
+
+
 def test_summarize_of_no_probes_is_all_nan():
     empty = pd.DataFrame(columns=["kind", "acc_before", "acc_after", "agreement", "pcf_answer_before",
                                   "pcf_answer_after", "pcf_contrast_before", "pcf_contrast_after"])

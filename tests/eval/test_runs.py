@@ -43,6 +43,18 @@ def test_single_mode(demo, rank_one_method, cases, tmp_path):
     pd.testing.assert_frame_equal(loaded.summary[SUMMARY_COLUMNS], result.summary[SUMMARY_COLUMNS],
                                   check_dtype=False)
     assert loaded.probes["probe_id"].tolist() == result.probes["probe_id"].tolist()
+    # each step also reports locality over the neighbours the model knew, the unrelated facts left unchanged and
+    # edit success, all from the step's own probes
+    for step, probes in result.probes.groupby("step"):
+        row = result.summary.set_index("step").loc[step]
+        neighbours = probes[probes["kind"] == "locality"]
+        known = neighbours[neighbours["acc_before"] >= 1.0]
+        assert row["n_locality"] == len(neighbours) and row["n_locality_known"] == len(known)
+        if len(known):
+            assert row["locality_known"] == pytest.approx(known["agreement"].mean())
+        unrelated = probes[probes["kind"] == "unrelated"]
+        assert row["unrelated_unchanged"] == pytest.approx((unrelated["agreement"] >= 1.0).mean())
+        assert row["edit_success"] == 1.0 and row["n_efficacy_without_reliability"] == 0
 
 
 def test_batch_mode(demo, rank_one_method, cases):
@@ -71,6 +83,10 @@ def test_sequential_mode(demo, rank_one_method, cases, tmp_path):
     probes = result.probes
     first_rows = probes[(probes["case_id"] == cases[0].case_id) & (probes["kind"] == "reliability")]
     assert summary["first_reliability"].tolist() == first_rows.groupby("step")["acc_after"].mean().tolist()
+    # and whether it is still answered (edit success), with the edits efficacy alone would pass
+    answered = first_rows.groupby("step")["acc_after"].apply(lambda acc: float((acc >= 1.0).mean()))
+    assert summary["first_edit_success"].tolist() == answered.tolist()
+    assert {"first_n_efficacy_without_reliability", "first_locality_known"} <= set(summary.columns)
     assert (summary["total_edit_time_s"].diff().dropna() > 0).all()
     assert not handle_stack(demo)
     assert RunStore(tmp_path / "runs.sqlite").list_runs().loc[0, "n_steps"] == 3

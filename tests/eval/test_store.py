@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from eval.store import RunStore
+from eval.store import RunStore, final_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,3 +83,21 @@ def test_a_killed_process_loses_nothing_committed(tmp_path):
     assert result.summary["step"].tolist() == [1, 2] and len(result.probes) == 2
     assert result.status == "interrupted"  # marked running, but its process is gone
     assert store.list_runs().loc[0, "status"] == "interrupted"
+
+
+def test_run_tables_list_edit_success_and_add_up_failure_counts(tmp_path):
+    """A batch run's headline averages rates over its batches but sums counts: two batches with 2 and 1 edits
+    that beat the old target without being answered had 3 such failures, not 1.5."""
+    store = RunStore(tmp_path / "runs.sqlite")
+    run_id = store.create_run({**CONFIG, "mode": "batch"})
+    for step, (success, failures) in enumerate(((0.0, 2.0), (0.5, 1.0)), start=1):
+        store.add_step(run_id, {"step": step, "n_edits": 2, "edit_success": success,
+                                "n_efficacy_without_reliability": failures}, [])
+    summary = store.load_run(run_id).summary
+    final = final_metrics(summary, "batch")
+    assert final["edit_success"] == 0.25 and final["n_efficacy_without_reliability"] == 3
+    assert final["n_edits"] == 2  # not a count key: still the mean over steps
+    assert final_metrics(summary, "sequential")["n_efficacy_without_reliability"] == 1  # the last step
+    store.finish_run(run_id, "done", final=final)
+    listed = store.list_runs().iloc[0]
+    assert listed["edit_success"] == 0.25 and listed["n_efficacy_without_reliability"] == 3
