@@ -100,3 +100,16 @@ def test_real_model_edit_cost_is_selected_and_reported():
     assert "| arithmetic floor of a later edit (operations / rate) | 11.2 s |" in markdown
     assert "| later edit / floor | 1.65 |" in markdown
     assert results.frames()["real_cost"].loc[0, "floor_s"] == pytest.approx(11.25)
+
+
+def test_time_to_first_result_and_first_scope_map_in_a_real_browser():
+    """The benchmark's server figures come from a real run: every phase measured, in order."""
+    reason = bench.server_unavailable_reason()
+    if reason:
+        pytest.skip(reason)  # no Chromium on this machine: `make browser` installs it
+    server = bench.bench_time_to_first_result(timeout_s=600.0)
+    assert server["status"] == "ok", server
+    assert 0 < server["server_up_s"] <= server["page_ready_s"] <= server["first_result_s"]
+    assert 0 < server["scope_map_s"] and server["first_result_s"] < server["scope_map_after_start_s"]
+    results = bench.BenchResults(machine=bench.machine_info(torch.device("cpu")), config={}, server=server)
+    assert "Scope map's first render" in bench.markdown_report(results)
