@@ -10,11 +10,15 @@ module with a forward hook (:class:`~editing.edit.ModulePatch`). What they share
   output, so training a patch there needs no pass through the blocks per step;
 * :func:`module_inputs` — a module's input at every real (non-pad) token, or at the last token,
   of some texts (T-Patcher's memory of earlier edits, GRACE's keys and distance scale);
-* :func:`statement_inputs` — the FFN input at every token of fact-base statements (and corpus
-  lines), T-Patcher's memory of "previously seen" data, cached while the edits that could change
-  it stay the same;
+* :func:`in_training_memory` — which subjects' facts a method may train on (or show) to keep them
+  unchanged: the memory side of the fact base's fixed split, never an edited subject, so the
+  probes :mod:`eval.probes` builds for an edit are never in a method's memory (CaliNET's locality
+  term, T-Patcher's memory set, IKE's demonstrations);
+* :func:`statement_inputs` — the FFN input at every token of training-memory statements (and
+  corpus lines), T-Patcher's memory of "previously seen" data, cached while the edits that could
+  change it stay the same;
 * :func:`retained_facts` — facts of the bundled fact base to keep unchanged (CaliNET's locality
-  term, GRACE's distance scale);
+  term; GRACE's distance scale, which trains nothing, may use any fact);
 * :func:`relation_of`, :func:`fact_key` and :func:`training_prompts` — which fact-base relation
   (and so which fact) an edit is about, and the templates CaliNET trains a fact on.
 """
@@ -24,14 +28,14 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from transformers.activations import ACT2FN
 
 from editing.edit import Edit, handle_stack
-from editing.factbase import FactBase, Relation, load_corpus, load_factbase
+from editing.factbase import FactBase, Relation, is_memory_subject, load_corpus, load_factbase
 from editing.hooks import capture, forward_until
 from editing.request import EditRequest
 from editing.tokens import encode, pad_batch, pad_id
@@ -148,20 +152,16 @@ class StatementInputs:
     inputs: torch.Tensor  # (n_tokens, d) float32, statement after statement
     token_counts: list[int]  # tokens of each statement
     facts: list[frozenset[tuple[str, str | None]]]
+    texts: list[str] = field(default_factory=list)  # the statements themselves
 
-    def excluding(self, facts: Sequence[tuple[str, str | None]]) -> torch.Tensor:
-        """The inputs at tokens of statements that state none of ``facts`` (a None relation, on
-        either side, matches every relation of that subject)."""
-        by_subject: dict[str, set[str | None]] = {}
-        for subject, relation in facts:
-            by_subject.setdefault(subject, set()).add(relation)
+    def kept_for(self, requests: Sequence[EditRequest]) -> list[bool]:
+        """Per statement: whether a method editing ``requests`` may train on it (every subject it
+        states is in the training memory for them, :func:`in_training_memory`)."""
+        return [all(in_training_memory(subject, requests) for subject, _relation in stated) for stated in self.facts]
 
-        def clashes(stated: frozenset[tuple[str, str | None]]) -> bool:
-            return any(subject in by_subject and (relation is None or None in by_subject[subject]
-                                                  or relation in by_subject[subject])
-                       for subject, relation in stated)
-
-        keep = torch.tensor([not clashes(stated) for stated in self.facts])
+    def for_requests(self, requests: Sequence[EditRequest]) -> torch.Tensor:
+        """The inputs at tokens of the statements :meth:`kept_for` keeps."""
+        keep = torch.tensor(self.kept_for(requests), dtype=torch.bool)
         mask = keep.repeat_interleave(torch.tensor(self.token_counts))
         return self.inputs[mask.to(self.inputs.device)]
 
@@ -172,10 +172,15 @@ _STATEMENT_CACHE_SIZE = 4
 
 def statement_inputs(handle: ModelHandle, layer: int, n_facts: int | None = None, seed: int = 0,
                      with_corpus: bool = True) -> StatementInputs:
-    """FFN inputs of block ``layer`` at every token of ``n_facts`` fact-base statements (all when
-    None; each fact in one training template, chosen from ``seed``, followed by its answer) and,
-    ``with_corpus``, of every corpus line.
+    """FFN inputs of block ``layer`` at every token of ``n_facts`` training-memory statements (all
+    when None; each fact in one training template, chosen from ``seed``, followed by its answer)
+    and, ``with_corpus``, of every corpus line that mentions no probe-side subject.
 
+    Only facts of memory subjects (:func:`in_training_memory`) are read: the probe-side subjects
+    are where evaluation takes its neighbours and unrelated facts, so a memory drawn from the whole
+    fact base would train on the very facts locality is scored on (a sample of 450 of all 1,047
+    facts held those of about 43% of the neighbour and unrelated probes). Edited subjects are
+    dropped per edit (:meth:`StatementInputs.for_requests`).
     For the demo model this is its own training data (T-Patcher's memory set). The result is cached
     per model, layer and the applied edits that could change it (:func:`edits_changing_mlp_input`),
     so sequential edits that only patch this layer or later ones reuse it.
@@ -188,38 +193,58 @@ def statement_inputs(handle: ModelHandle, layer: int, n_facts: int | None = None
     rng = random.Random(seed)
     texts: list[str] = []
     stated: list[frozenset[tuple[str, str | None]]] = []
-    facts = factbase.facts if n_facts is None else rng.sample(factbase.facts, min(n_facts, len(factbase.facts)))
+    memory = [f for f in factbase.facts if in_training_memory(f.subject)]
+    facts = memory if n_facts is None else rng.sample(memory, min(n_facts, len(memory)))
     for fact in facts:
         templates = factbase.relations[fact.relation].train_templates
         texts.append(f"{templates[rng.randrange(len(templates))].replace('{}', fact.subject)} {fact.object}")
         stated.append(frozenset({(fact.subject, fact.relation)}))
     if with_corpus:
         for line in load_corpus():
-            texts.append(line)
-            stated.append(frozenset((s, None) for s in factbase.subjects if s in line))
+            mentioned = frozenset((s, None) for s in factbase.subjects if s in line)
+            if all(in_training_memory(s) for s, _relation in mentioned):
+                texts.append(line)
+                stated.append(mentioned)
     tok = handle.tokenizer
     counts = [min(len(encode(tok, text)), handle.max_length) for text in texts]
     inputs = module_inputs(handle, handle.arch.mlp_name(layer), texts, batch_size=128)
-    result = StatementInputs(inputs, counts, stated)
+    result = StatementInputs(inputs, counts, stated, texts)
     _STATEMENT_CACHE[key] = result
     while len(_STATEMENT_CACHE) > _STATEMENT_CACHE_SIZE:
         _STATEMENT_CACHE.popitem(last=False)
     return result
 
 
-def retained_facts(exclude_subjects: Sequence[str] = (), n: int = 200, seed: int = 0,
+def in_training_memory(subject: str, requests: Sequence[EditRequest] = ()) -> bool:
+    """Whether a method editing ``requests`` may train on (or show as a demonstration) a fact about
+    ``subject`` to keep it unchanged.
+
+    The one exclusion rule of every method with a memory of retained facts (CaliNET's locality
+    term, T-Patcher's memory set, IKE's demonstrations), derived from the requests alone so that no
+    probe :mod:`eval.probes` builds for them is ever in the memory:
+
+    * neighbour (locality) and unrelated probes are drawn only from subjects on the probe side of
+      the fact base's fixed split (:func:`editing.factbase.is_memory_subject`), whatever the seed
+      or count, so the memory takes only memory-side subjects;
+    * the reliability, paraphrase (generality), portability and relation-specificity probes are
+      all about an edited subject, so no fact about an edited subject is in the memory.
+    """
+    return is_memory_subject(subject) and all(subject != r.subject for r in requests)
+
+
+def retained_facts(requests: Sequence[EditRequest] | None = None, n: int = 200, seed: int = 0,
                    factbase: FactBase | None = None,
                    relations: Sequence[str] | None = None) -> list[tuple[str, str]]:
-    """``n`` (filled prompt, true answer) pairs of the fact base whose subjects are not excluded
-    (only of ``relations`` when given).
+    """``n`` (filled prompt, true answer) pairs of the fact base (only of ``relations`` when given).
 
+    With ``requests`` only facts a method editing them may train on (:func:`in_training_memory`):
+    CaliNET's locality term. None: any fact (GRACE's distance scale, which trains on nothing).
     Each fact is asked with one of its relation's training templates, chosen deterministically
     from ``seed``.
     """
     factbase = factbase or load_factbase()
-    excluded = set(exclude_subjects)
     rng = random.Random(seed)
-    candidates = [f for f in factbase.facts if f.subject not in excluded
+    candidates = [f for f in factbase.facts if (requests is None or in_training_memory(f.subject, requests))
                   and (relations is None or f.relation in relations)]
     chosen = rng.sample(candidates, min(n, len(candidates)))
     pairs = []

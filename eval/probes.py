@@ -5,6 +5,8 @@ A :class:`Probe` is a prompt with the answer expected after the edit and its kin
 * ``reliability`` — the edit request itself (should now give the new target);
 * ``generality`` — paraphrases of the request (should also give the new target);
 * ``locality`` — neighbouring facts (same relation, other subjects) that must keep their answer;
+  neighbour and unrelated probes come only from probe-side subjects, never from the training
+  memory of CaliNET, T-Patcher or IKE (:func:`editing.factbase.is_memory_subject`);
 * ``portability`` — consequences of the edit (2-hop chains through the new object, aliases,
   inverse relations, logical implications) that should follow it;
 * ``unrelated`` — facts of other relations about other subjects (must not change).
@@ -21,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from editing.factbase import FactBase, Relation, load_factbase
+from editing.factbase import FactBase, Relation, is_memory_subject, load_factbase
 from editing.request import EditRequest
 
 PROBE_KINDS = ("reliability", "generality", "locality", "portability", "unrelated")
@@ -206,6 +208,11 @@ def probes_for_request(request: EditRequest, factbase: FactBase | None = None, n
     capital of the country the Eiffel Tower is in: Rome). Unrelated probes are facts of other
     relations about other subjects. ``n_relation_specificity`` adds locality probes about the
     subject's other relations (KnowEdit's relation specificity). Never raises on unknown facts.
+
+    Neighbour and unrelated probes are drawn only from the probe side of the fact base's fixed
+    split of subjects (:func:`editing.factbase.is_memory_subject`): methods that train to keep
+    facts unchanged (CaliNET, T-Patcher) or show them as demonstrations (IKE) take theirs from the
+    other side, so no locality figure is measured on facts a method was trained to keep.
     """
     factbase = factbase or load_factbase()
     rng = random.Random(f"{seed}|{request.subject}|{request.prompt}|{request.target_new}")
@@ -237,8 +244,9 @@ def _generality(request: EditRequest, relation: Relation, n: int, old_answer: st
 
 def _neighbours(request: EditRequest, relation: Relation, factbase: FactBase, n: int,
                 rng: random.Random, old_answer: str | None) -> list[Probe]:
+    # probe-side subjects only: the other side is the methods' training memory
     others = [f for f in factbase.facts_of(relation.id)
-              if f.subject != request.subject and f.object != request.target_new]
+              if f.subject != request.subject and f.object != request.target_new and not is_memory_subject(f.subject)]
     # CounterFact draws neighbours that share the edited subject's true object (the hardest to
     # keep apart); take those first, then others of the relation.
     sharing = [f for f in others if f.object == old_answer]
@@ -283,8 +291,9 @@ def _relation_specificity(request: EditRequest, relation: Relation | None, factb
 
 def _unrelated(request: EditRequest, relation: Relation | None, factbase: FactBase, n: int,
                rng: random.Random) -> list[Probe]:
-    pool = [f for f in factbase.facts
-            if f.subject != request.subject and (relation is None or f.relation != relation.id)]
+    pool = [f for f in factbase.facts  # probe-side subjects only, as for neighbours
+            if f.subject != request.subject and (relation is None or f.relation != relation.id)
+            and not is_memory_subject(f.subject)]
     chosen = rng.sample(pool, min(n, len(pool)))
     probes = []
     for i, fact in enumerate(chosen):

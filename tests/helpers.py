@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from editing.factbase import load_factbase
+from editing.factbase import is_memory_subject, load_factbase
 from editing.scoring import score_targets
 
 
@@ -74,7 +74,8 @@ def hit_rate(handle, pairs) -> float:
 def neighbours(records, per_record: int = 4, seed: int = 7, exclude=()) -> list[tuple[str, str]]:
     """CounterFact-style neighbourhood: the edit's own prompt about other subjects of its relation
     (their true answers; first those sharing the edited subject's true answer, the hardest to keep
-    apart), plus the same facts asked with a held-out template."""
+    apart), plus the same facts asked with a held-out template. Like :mod:`eval.probes`, only
+    probe-side subjects: the others are the training memory of CaliNET, T-Patcher and IKE."""
     factbase, rng = load_factbase(), random.Random(seed)
     edited = {r.request.subject for r in records} | set(exclude)
     pairs = []
@@ -82,7 +83,8 @@ def neighbours(records, per_record: int = 4, seed: int = 7, exclude=()) -> list[
         relation = next(rel for rel in factbase.relations.values()
                         if record.request.prompt in rel.train_templates + rel.heldout_templates)
         others = [f for f in factbase.facts_of(relation.id)
-                  if f.subject not in edited and f.object != record.request.target_new]
+                  if f.subject not in edited and f.object != record.request.target_new
+                  and not is_memory_subject(f.subject)]
         sharing = [f for f in others if f.object == record.request.target_true]
         chosen = rng.sample(sharing, min(per_record, len(sharing)))
         chosen += rng.sample([f for f in others if f not in chosen], per_record - len(chosen))

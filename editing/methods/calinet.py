@@ -22,7 +22,11 @@ hooked model. Differences, said plainly:
   patched answer distributions of ``locality_facts`` prompts of other subjects (half of them of
   the edited relations) and, as its own group, of the prompts of edits already applied, so a
   batch edit leaves other facts and earlier edits alone; training stops once the facts are
-  learnt and each KL is below ``locality_stop`` (and earlier edits keep their answers);
+  learnt and each KL is below ``locality_stop`` (and earlier edits keep their answers). Those
+  prompts come only from the training memory (:func:`editing.patching.in_training_memory`):
+  memory-side subjects, never an edited one. Evaluation draws its neighbour and unrelated probes
+  from the other side of the split, so the KL never trains on a fact locality is scored on (it
+  did before: the same-relation half was exactly the neighbours :mod:`eval.probes` asks);
 * the NLL is averaged over target tokens, full-batch; ``V_c`` starts at zero (the reference starts
   from a random init), so before training the patch changes nothing; Adam with a constant
   learning rate replaces Adafactor with warm-up.
@@ -116,7 +120,8 @@ class CaliNETHParams(HParams):
     ``layers`` receive a calibration FFN of ``n_slots`` neurons each (paper: 64 slots in the last
     layer); each fact is trained on ``n_templates`` templates; ``locality_facts`` prompts of other
     subjects keep their answer distribution (next token after the prompt) through a KL term
-    weighted ``locality_coef``. Training is full-batch and stops once every training prompt predicts
+    weighted ``locality_coef`` (training-memory subjects only, so never a probe of the edit).
+    Training is full-batch and stops once every training prompt predicts
     its target with mean NLL below ``stop_loss`` and the KL is below ``locality_stop`` (or after
     ``max_steps``).
     """
@@ -241,29 +246,38 @@ class CaliNET(EditMethod):
                                     "slots_per_layer": hparams.n_slots})
 
 
-def _kept_batches(handle: ModelHandle, requests: list[EditRequest], hparams: CaliNETHParams) -> dict[str, Batch]:
-    """Prompts whose answers must not move: other subjects' facts ("locality"; half of them of the
-    edited relations, the neighbours a batch edit most easily drags along, half of any relation)
-    and the prompts of the edits already applied ("earlier_edits", which keep their new answers)."""
+def kept_prompts(handle: ModelHandle, requests: list[EditRequest], hparams: CaliNETHParams) -> dict[str, list[str]]:
+    """Prompts whose answers must not move: facts of the training memory ("locality"; half of them
+    of the edited relations, the neighbours a batch edit most easily drags along, half of any
+    relation) and the prompts of the edits already applied ("earlier_edits", which keep their new
+    answers).
+
+    The facts come from :func:`editing.patching.retained_facts` with the requests, so none is a
+    probe of these edits (neighbours and unrelated facts are drawn from the other subjects).
+    """
     if hparams.locality_coef <= 0:
         return {}
-    subjects = [r.subject for r in requests]
     groups: dict[str, list[str]] = {}
     if hparams.locality_facts > 0:
         relations = sorted({rel.id for rel in (relation_of(r) for r in requests) if rel is not None})
         half = hparams.locality_facts // 2 if relations else 0
-        facts = retained_facts(subjects, half, seed=hparams.seed + 1, relations=relations) if half else []
-        facts += retained_facts(subjects, hparams.locality_facts - len(facts), seed=hparams.seed + 2)
-        groups["locality"] = [prompt for prompt, _ in facts]
+        facts = retained_facts(requests, half, seed=hparams.seed + 1, relations=relations) if half else []
+        facts += retained_facts(requests, hparams.locality_facts - len(facts), seed=hparams.seed + 2)
+        groups["locality"] = list(dict.fromkeys(prompt for prompt, _ in facts))
     # An earlier edit of the same fact is being replaced; earlier edits of other facts must hold.
     same_fact = {fact_key(r) for r in requests}
     earlier = [r.text for edit in handle_stack(handle) for r in edit.requests
                if fact_key(r) not in same_fact]
     if earlier:
-        groups["earlier_edits"] = earlier
+        groups["earlier_edits"] = list(dict.fromkeys(earlier))
+    return groups
+
+
+def _kept_batches(handle: ModelHandle, requests: list[EditRequest], hparams: CaliNETHParams) -> dict[str, Batch]:
+    """:func:`kept_prompts`, tokenised and padded per group."""
     tok = handle.tokenizer
-    return {name: pad_batch([encode(tok, p) for p in dict.fromkeys(prompts)], pad_id(tok), handle.device)
-            for name, prompts in groups.items()}
+    return {name: pad_batch([encode(tok, p) for p in prompts], pad_id(tok), handle.device)
+            for name, prompts in kept_prompts(handle, requests, hparams).items()}
 
 
 def _last_positions(batch: Batch) -> torch.Tensor:

@@ -235,7 +235,7 @@ def key_distance_scale(handle: ModelHandle, layer: int, n_prompts: int = 64, see
     """
     cache_key = (handle.fingerprint(), layer, n_prompts)
     if cache_key not in _EPS_CACHE:
-        prompts = [prompt for prompt, _ in retained_facts((), n_prompts, seed=seed)]
+        prompts = [prompt for prompt, _ in retained_facts(None, n_prompts, seed=seed)]
         name = handle.arch.mlp_out_name(layer)
         queries = module_inputs(handle, name, prompts, last_only=True)
         dist = torch.cdist(queries, queries, compute_mode="donot_use_mm_for_euclid_dist")

@@ -3,25 +3,36 @@
 In-context editing: no weight changes and no training. For each new fact, IKE retrieves the most
 similar facts of a demonstration pool by sentence-embedding similarity (all-MiniLM-L6-v2, see
 :mod:`editing.embeddings`) and turns each into one of three demonstrations, in the paper's ratio
-copy : update : retain = 1 : 3 : 4 (shuffled):
+copy : update : retain = 1 : 3 : 4 (shuffled), every one about *another* fact F:
 
 * copy — ``New Fact: F`` then ``Prompt: <F's prompt> <F's new target>``;
 * update — a paraphrase of F's prompt answered with F's new target;
 * retain — a neighbour prompt (same relation, another subject) answered with its true object.
 
-Demonstrations are ordered by similarity, the most similar next to the query, followed by the new
-fact's own copy demonstration, then ``New Fact: <edit> Prompt: <query>``. Every query (paraphrase,
-neighbour or unrelated) is answered in that context — IKE has no scope classifier; the retain
-demonstrations are what teaches the model to leave other facts alone.
+Demonstrations are ordered by similarity, the most similar next to the query, and the query comes
+last as ``New Fact: <edit> Prompt: <query>``: the new fact is the context of every query, as in the
+paper. Asked the edit prompt itself, that query *is* a copy; asked a paraphrase or a neighbour, the
+model has only the other facts' demonstrations to go by. (Until issue 13 the new fact's own copy
+demonstration, ``New Fact: <edit> Prompt: <edit prompt> <new target>``, also stood before every
+query — as earlier EasyEdit versions appended it (commented out in its current text-model code),
+not the paper's mix: it showed generality and locality queries the answer to copy.) Every query
+(paraphrase, neighbour or unrelated) is answered in that context — IKE has no scope classifier;
+the retain demonstrations are what teaches the model to leave other facts alone.
 
 The demonstration pool is built from the bundled fact base: counterfactual records of training
-subjects (:func:`editing.train.edit_records`), never the edited subject itself.
+subjects (:func:`editing.train.edit_records`) of the training memory
+(:func:`editing.patching.in_training_memory`), with retain neighbours of the training memory too,
+never the edited subject: evaluation draws neighbour and unrelated probes from the other side of
+the split, so a retain demonstration never states the true answer of a locality probe.
 
 Short contexts: the reference uses 32 demonstrations with GPT-J's 2,048 tokens. For models with a
 short context (the demo model reads 64 tokens) the defaults switch to a compact format without the
-"New Fact:/Prompt:" labels (words the demo vocabulary does not have) and ask for 8 demonstrations;
-for every query the least similar demonstrations are dropped until the prompt, plus room for the
-answer, fits the model. On the demo model that leaves one or two demonstrations.
+"New Fact:/Prompt:" labels (words the demo vocabulary does not have) and ask for 8 demonstrations.
+The edit keeps the largest number of the most similar demonstrations (typed in the paper's ratio
+for that number) that fits the model's context with the edit prompt and room for the answer
+(``info["demonstrations"]``); when not even one fits, the edit is refused. A longer query drops
+the least similar ones until it fits (the route's ``n_demonstrations``). On the demo model one or
+two fit.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from editing.edit import InferenceWrapper, Route, register_edit_type
+from editing.edit import EditError, InferenceWrapper, Route, register_edit_type
 from editing.embeddings import (
     ENCODER_KINDS,
     MINILM_NAME,
@@ -48,7 +59,7 @@ from editing.factbase import FactBase, load_factbase
 from editing.files import atomic_path
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.methods.checks import SEED, Choice, FieldCheck, Number, Text, half_context
-from editing.patching import relation_of
+from editing.patching import in_training_memory, relation_of
 from editing.paths import cache_dir
 from editing.request import EditRequest
 from editing.tokens import encode
@@ -82,15 +93,18 @@ class PoolFact:
 
 
 def build_pool(factbase: FactBase, seed: int = 0, n_neighbours: int = 2) -> list[PoolFact]:
-    """The demonstration pool: every training-split edit record, with same-relation neighbours."""
+    """The demonstration pool: every training-split edit record about a training-memory subject
+    (:func:`editing.patching.in_training_memory`), with same-relation neighbours of the memory
+    too, so no demonstration states a fact that evaluation probes."""
     rng = random.Random(seed)
     pool = []
     for record in edit_records("train", factbase, seed=seed):
         request = record.request
         relation = relation_of(request, factbase)
-        if relation is None:
+        if relation is None or not in_training_memory(request.subject):
             continue
-        others = [f for f in factbase.facts_of(relation.id) if f.subject != request.subject]
+        others = [f for f in factbase.facts_of(relation.id)
+                  if f.subject != request.subject and in_training_memory(f.subject)]
         neighbours = []
         for other in rng.sample(others, min(n_neighbours, len(others))):
             template = rng.choice(relation.train_templates)
@@ -177,13 +191,18 @@ class IKEHParams(HParams):
 
 
 def select_demonstrations(request: EditRequest, fact_vector: torch.Tensor, pool: list[PoolFact],
-                          keys: torch.Tensor, hparams: IKEHParams) -> list[tuple[str, float]]:
-    """The ``k`` demonstrations for one new fact (embedded as ``fact_vector``) as (text, similarity),
-    least similar first. Pool facts about the edited subject are skipped: they would contradict it.
+                          keys: torch.Tensor, hparams: IKEHParams, n: int | None = None) -> list[tuple[str, float]]:
+    """The ``n`` (default ``k``) demonstrations for one new fact (embedded as ``fact_vector``) as
+    (text, similarity), least similar first, typed copy/update/retain in the paper's ratio for ``n``.
+
+    Every demonstration is about another fact: pool facts and neighbours outside the training
+    memory for this request (:func:`~editing.patching.in_training_memory`: the edited subject) are
+    skipped, as a fact about the edited subject would contradict the edit.
     """
-    sims, order = top_k_similar(fact_vector.reshape(1, -1), keys, min(len(pool), hparams.k + 16))
+    n = hparams.k if n is None else n
+    sims, order = top_k_similar(fact_vector.reshape(1, -1), keys, min(len(pool), n + 16))
     chosen = [(pool[i], float(s)) for s, i in zip(sims[0].tolist(), order[0].tolist(), strict=True)
-              if pool[i].subject != request.subject][: hparams.k]
+              if in_training_memory(pool[i].subject, [request])][:n]
     rng = random.Random(f"{hparams.seed}|{request.text}|{request.target_new}")
     demos = []
     for (fact, sim), kind in zip(chosen, demonstration_types(len(chosen), rng), strict=True):
@@ -192,12 +211,37 @@ def select_demonstrations(request: EditRequest, fact_vector: torch.Tensor, pool:
         elif kind == "update" and fact.paraphrases:
             prompt, answer = rng.choice(fact.paraphrases), fact.target_new
         else:
-            # a true fact about the edited subject would contradict the edit: not a retain example
-            neighbours = [(p, a) for subject, p, a in fact.neighbours if subject != request.subject]
+            neighbours = [(p, a) for subject, p, a in fact.neighbours if in_training_memory(subject, [request])]
             prompt, answer = rng.choice(neighbours) if neighbours else (fact.prompt, fact.target_new)
         demos.append((hparams.demonstration(fact.fact, prompt, answer), sim))
     demos.reverse()  # most similar next to the query
     return demos
+
+
+def fitting_demonstrations(handle: ModelHandle, request: EditRequest, fact_vector: torch.Tensor,
+                           pool: list[PoolFact], keys: torch.Tensor, hparams: IKEHParams) -> list[tuple[str, float]]:
+    """The most demonstrations (at most ``k``) that fit the model's context before the edit prompt's
+    query with ``reserve_tokens`` to spare, typed in the paper's ratio for that number.
+
+    Raises :class:`~editing.edit.EditError` when not even one fits: IKE without a demonstration is
+    not the paper's method, and the model would not know what the context is for.
+    """
+    query = hparams.query_prefix(new_fact(request)) + request.text
+    query_tokens = len(encode(handle.tokenizer, query))
+    shortest = None
+    for n in range(min(hparams.k, len(pool)), 0, -1):
+        demos = select_demonstrations(request, fact_vector, pool, keys, hparams, n)
+        tokens = len(encode(handle.tokenizer, "".join(text for text, _sim in demos) + query))
+        if demos and tokens + hparams.reserve_tokens <= handle.max_length:
+            return demos
+        if len(demos) == 1:
+            shortest = tokens - query_tokens
+    needed = f"; the most similar demonstration needs {shortest} more" if shortest is not None else ""
+    raise EditError(
+        f"IKE cannot edit with {handle.name}'s context of {handle.max_length} tokens: the new fact and the "
+        f"edit prompt take {query_tokens} tokens and {hparams.reserve_tokens} are kept for the answer{needed}, "
+        "so not even one demonstration fits. Shorten the prompt or target, lower reserve_tokens, or use a model "
+        "with a longer context.")
 
 
 @dataclass
@@ -217,7 +261,7 @@ class IkeRoute(Route):
 @register_edit_type
 @dataclass(eq=False)
 class IkeEdit(InferenceWrapper):
-    """Per request: its retrieved demonstrations, its own copy demonstration and the query prefix.
+    """Per request: its retrieved demonstrations (those that fit the context) and the query prefix.
 
     ``prompt_keys`` embed each request's filled prompt (without the new target, which would pull
     the comparison towards other facts with that target); a batch edit answers each query with the
@@ -232,18 +276,18 @@ class IkeEdit(InferenceWrapper):
 
     def context_for(self, index: int, tokenizer, prompt: str, max_length: int) -> tuple[str, int]:
         """The prefix for request ``index`` before ``prompt``, keeping as many of the most similar
-        demonstrations as fit ``max_length`` with ``reserve_tokens`` to spare; returns (prefix, n)."""
+        demonstrations as fit ``max_length`` with ``reserve_tokens`` to spare; returns (prefix, n).
+
+        Only other facts' demonstrations precede the new fact: edits saved before issue 13 also hold
+        the new fact's own copy demonstration (``own_demonstration``), which is no longer used.
+        """
         context = self.contexts[index]
         demos = list(context["demonstrations"])
-        tail = context["own_demonstration"] + context["query_prefix"]
         while True:
-            prefix = "".join(demos) + tail
+            prefix = "".join(demos) + context["query_prefix"]
             if not demos or len(encode(tokenizer, prefix + prompt)) + self.reserve_tokens <= max_length:
-                break
+                return prefix, len(demos)
             demos.pop(0)  # least similar first
-        if len(encode(tokenizer, prefix + prompt)) + self.reserve_tokens > max_length:
-            prefix = context["query_prefix"]  # not even the own copy demonstration fits
-        return prefix, len(demos)
 
     def _encoder(self, handle: ModelHandle) -> SentenceEncoder:
         return sentence_encoder(handle, self.encoder_kind)
@@ -316,15 +360,18 @@ class IKE(EditMethod):
         contexts = []
         for number, request in enumerate(requests):
             progress(0.5 + 0.5 * number / len(requests), f"IKE: retrieving demonstrations {number + 1}/{len(requests)}")
-            demos = select_demonstrations(request, fact_vectors[number], pool, keys, hparams)
-            fact = new_fact(request)
+            demos = fitting_demonstrations(handle, request, fact_vectors[number], pool, keys, hparams)
             contexts.append({
                 "demonstrations": [text for text, _sim in demos],
                 "similarities": [round(sim, 4) for _text, sim in demos],
-                "own_demonstration": hparams.demonstration(fact, request.text, request.target_new),
-                "query_prefix": hparams.query_prefix(fact),
+                "query_prefix": hparams.query_prefix(new_fact(request)),
             })
+        used = [len(c["demonstrations"]) for c in contexts]
         return IkeEdit(method=self.name, requests=list(requests), hparams=hparams.to_dict(), contexts=contexts,
                        encoder_kind=kind, reserve_tokens=hparams.reserve_tokens,
                        prompt_keys=encoder.encode([r.text for r in requests]),
-                       info={"encoder": encoder.name, "pool_size": len(pool)})
+                       # how many demonstrations each new fact's context holds (asked: k; what fits the
+                       # model's context with the edit prompt); longer queries may drop more
+                       info={"encoder": encoder.name, "pool_size": len(pool), "demonstrations_asked": hparams.k,
+                             "demonstrations": used,
+                             "context_tokens": handle.max_length})

@@ -8,8 +8,11 @@ own activation, at every position. The neuron is trained with three losses (pape
 * the **activation loss** ``exp(act_margin − a)`` at the edit prompt's last token, so the patch
   fires there (pre-activation ``a = h·k + b`` above the margin);
 * the **memory loss** on retained examples — every token of ``memory_facts`` fact-base
-  statements (data the model was trained on: the paper's "previously seen training data"),
-  except statements of the edited facts themselves, plus the inputs of every edit already applied
+  statements (data the model was trained on: the paper's "previously seen training data") of the
+  training memory (:func:`editing.patching.in_training_memory`: memory-side subjects, none about
+  an edited subject — the same rule as CaliNET's locality term; evaluation takes its neighbours
+  and unrelated facts from the other subjects, so the memory never holds a probe of the edit,
+  where a sample of the whole fact base held about 43% of them), plus the inputs of every edit already applied
   (the paper's memory update for sequential editing): the top-k of ``exp(a_mem − memory_margin)``
   keeps the patch silent (``a_mem < memory_margin``, below zero) and the top-k of
   ``exp(a_mem − a_edit + gap_margin)`` keeps the edit's activation well above the memory's.
@@ -134,8 +137,9 @@ class TPatcherHParams(HParams):
     ``memory_margin`` and ``gap_margin`` are the reference's ``act_margin_val`` (0),
     ``margin_val2`` (−3) and ``margin_val1`` (3); ``memory_coef`` its ``mlc`` (5 for FEVER, 10 for
     zsRE); ``memory_top_k`` the top-k of the memory loss. The memory holds ``memory_facts``
-    fact-base statements (None: all 1,047; more memory gives better locality but lower generality
-    and slower convergence) and, with ``memory_corpus``, the corpus lines. ``act_loss_stop`` is the
+    training-memory statements (None: all 546 about the bundled fact base's memory-side subjects;
+    more memory gives better locality but lower generality and slower convergence) and, with
+    ``memory_corpus``, the corpus lines about memory-side subjects only. ``act_loss_stop`` is the
     reference's ``act_loss_thd``.
     """
 
@@ -164,7 +168,7 @@ class TPatcherHParams(HParams):
         "gap_margin": NON_NEGATIVE,
         "act_coef": NON_NEGATIVE,
         "memory_coef": NON_NEGATIVE,
-        "memory_facts": Maybe(COUNT),  # None: every fact-base statement
+        "memory_facts": Maybe(COUNT),  # None: every training-memory statement
         "memory_corpus": Flag(),
         "memory_top_k": COUNT,
         "act_loss_stop": NON_NEGATIVE,
@@ -183,16 +187,15 @@ class TPatcherHParams(HParams):
 
 
 def _memory(handle: ModelHandle, requests: list[EditRequest], hparams: TPatcherHParams) -> torch.Tensor:
-    """FFN inputs at every token of the retained data: fact-base statements (and corpus lines) that
-    do not state an edited fact, plus the inputs of every edit already applied (but not earlier
-    edits of the same facts). Other facts about an edited subject stay in: they must not change."""
-    edited = [fact_key(r) for r in requests]
+    """FFN inputs at every token of the retained data: training-memory statements (and corpus
+    lines) about none of the edited subjects (:meth:`~editing.patching.StatementInputs.for_requests`),
+    plus the inputs of every edit already applied (but not earlier edits of the same facts)."""
     statements = statement_inputs(handle, hparams.layer, hparams.memory_facts, hparams.seed,
                                   with_corpus=hparams.memory_corpus)
-    same_fact = {(subject, relation) for subject, relation in edited}
+    same_fact = {fact_key(r) for r in requests}
     earlier = [f"{r.text} {r.target_new}" for edit in handle_stack(handle) for r in edit.requests
                if fact_key(r) not in same_fact]
-    parts = [statements.excluding(edited)]
+    parts = [statements.for_requests(requests)]
     if earlier:
         parts.append(module_inputs(handle, handle.arch.mlp_name(hparams.layer), earlier))
     return torch.cat(parts)

@@ -90,7 +90,13 @@ def test_defaults_calibrate_the_last_layer(tiny_handle):
 
 # -- the demo model ----------------------------------------------------------------------------------
 def test_batch_of_100_facts_is_learnt_locally(demo):
-    """One calibration FFN of 64 slots for 100 counterfacts (the paper's main setting)."""
+    """One calibration FFN of 64 slots for 100 counterfacts (the paper's main setting).
+
+    Locality is measured on neighbours outside CaliNET's training memory, as the evaluation draws
+    them: measured 0.81 (loaded 2-core machine, deterministic). On memory-side neighbours, which its
+    KL term trains on, the same edit keeps 0.98 — the 0.96 this test asserted before issue 13 was
+    measured on neighbours the KL term had been trained to keep.
+    """
     records = edit_records("heldout", seed=2)[:100]
     near = neighbours(records[:30], per_record=3, exclude=[r.request.subject for r in records])
     base = predictions(demo, near)
@@ -103,13 +109,15 @@ def test_batch_of_100_facts_is_learnt_locally(demo):
         edit.revert(demo)
     print(f"CaliNET batch of 100: reliability {reliability:.2f}, generality (held-out templates) {generality:.2f}, "
           f"locality {locality:.3f}, {edit.info}")
-    assert reliability >= 0.98 and generality >= 0.6 and locality >= 0.85
+    assert reliability >= 0.98 and generality >= 0.6 and locality >= 0.75
     assert edit.n_slots == 64 and edit.size_bytes == 2 * 64 * demo.d_model * 4
 
 
 def test_sequential_batches_keep_earlier_facts(demo):
     """Five batches of 10 facts stacked in a session: each adds one 64-slot calibration FFN, and
-    the facts of the earlier batches still hold at the end."""
+    the facts of the earlier batches still hold at the end. Locality on neighbours outside the
+    training memory drops with every batch: 0.66 after five (0.96 when measured, before issue 13, on
+    neighbours the KL term trained on)."""
     records = edit_records("heldout", seed=1)[:50]
     near = neighbours(records[:20], per_record=3, exclude=[r.request.subject for r in records])
     base = predictions(demo, near)
@@ -123,5 +131,5 @@ def test_sequential_batches_keep_earlier_facts(demo):
         locality = agreement(predictions(demo, near), base)
     print(f"CaliNET after 5 sequential batches of 10: reliability {reliability:.2f} (first batch "
           f"{first_batch:.2f}), locality {locality:.3f}")
-    assert reliability >= 0.9 and first_batch >= 0.9 and locality >= 0.85
+    assert reliability >= 0.9 and first_batch >= 0.9 and locality >= 0.6
     assert not handle_stack(demo)

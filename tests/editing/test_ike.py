@@ -5,9 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from editing.edit import EditError, handle_stack
 from editing.embeddings import MiniLMEncoder, ModelMeanEncoder, sentence_encoder, top_k_similar
 from editing.methods import get_method
-from editing.methods.ike import IkeEdit, IKEHParams, IkeRoute, demonstration_types, new_fact, pool_with_keys
+from editing.methods.ike import (
+    IkeEdit,
+    IKEHParams,
+    IkeRoute,
+    demonstration_types,
+    new_fact,
+    pool_with_keys,
+    select_demonstrations,
+)
 from editing.request import EditRequest
 from editing.scoring import score_routes, score_targets
 from editing.session import EditSession
@@ -76,21 +85,21 @@ def test_ike_prefixes_retrieved_demonstrations_and_reverts_exactly(tiny_handle, 
     edit.revert(tiny_handle)
     assert_params_equal(tiny_handle, before)
     context = edit.contexts[0]
-    assert len(context["demonstrations"]) == IKEHParams.for_model(tiny_handle).k
+    assert 1 <= len(context["demonstrations"]) <= IKEHParams.for_model(tiny_handle).k
+    assert edit.info["demonstrations"] == [len(context["demonstrations"])]
     assert context["similarities"] == sorted(context["similarities"])  # most similar next to the query
     pool, _keys = pool_with_keys(sentence_encoder(tiny_handle), seed=0)
-    about_france = [p.fact for p in pool if p.subject == "France"]
-    assert about_france and not any(d.startswith(f) for d in context["demonstrations"] for f in about_france)
+    assert not any(d.startswith(p.fact) for d in context["demonstrations"] for p in pool if p.subject == "France")
     session = EditSession(tiny_handle)
     session.push(edit)
     query = "France's capital city is"
     route = session.route(query)
     assert isinstance(route, IkeRoute) and route.handle is tiny_handle and route.routed_by == "IKE"
     assert route.prompt.endswith(query) and route.prompt[route.prefix_chars:] == query
-    assert route.prompt[: route.prefix_chars].endswith(context["own_demonstration"] + context["query_prefix"])
     assert len(encode(tiny_handle.tokenizer, route.prompt)) + edit.reserve_tokens <= tiny_handle.max_length
     kept = context["demonstrations"][len(context["demonstrations"]) - route.n_demonstrations:]
-    assert route.prompt.startswith("".join(kept))  # the most similar ones are the ones kept
+    # the most similar demonstrations are the ones kept, then the new fact as the query's context
+    assert route.prompt[: route.prefix_chars] == "".join(kept) + context["query_prefix"]
     scores = score_routes([route], ["Berlin"])
     assert torch.isfinite(scores[0].logprobs).all()
     session.save(tmp_path / "s")
@@ -100,18 +109,57 @@ def test_ike_prefixes_retrieved_demonstrations_and_reverts_exactly(tiny_handle, 
     assert_params_equal(tiny_handle, before)
 
 
-def test_ike_shortens_the_context_to_fit_the_demo_model(demo):
+def test_ike_keeps_the_demonstrations_that_fit_the_demo_model(demo):
+    """The edit holds as many of the most similar demonstrations as fit the 64-token context before
+    the edit prompt (one more would not), says how many in its info, and longer queries drop more."""
+    hparams = IKEHParams.for_model(demo)
+    edit = get_method("IKE").apply(demo, [FRANCE])
+    edit.revert(demo)
+    demos = edit.contexts[0]["demonstrations"]
+    assert 0 < len(demos) < hparams.k and edit.info["demonstrations"] == [len(demos)]
+    assert edit.info["demonstrations_asked"] == hparams.k and edit.info["context_tokens"] == demo.max_length
+    encoder = sentence_encoder(demo, edit.encoder_kind)
+    pool, keys = pool_with_keys(encoder, hparams.seed)
+    one_more = select_demonstrations(FRANCE, encoder.encode([new_fact(FRANCE)])[0], pool, keys, hparams, len(demos) + 1)
+    query = edit.contexts[0]["query_prefix"] + FRANCE.text
+    assert len(encode(demo.tokenizer, "".join(demos) + query)) + edit.reserve_tokens <= demo.max_length
+    assert len(encode(demo.tokenizer, "".join(t for t, _s in one_more) + query)) + edit.reserve_tokens > demo.max_length
+    session = EditSession(demo)
+    session.push(edit)
+    assert session.route(FRANCE.text).n_demonstrations == len(demos)
+    for query in ("In France, the capital city is", "According to the encyclopedia, France's capital city is"):
+        route = session.route(query)
+        assert route.prompt.endswith(query)
+        assert len(encode(demo.tokenizer, route.prompt)) + edit.reserve_tokens <= demo.max_length
+        assert route.n_demonstrations <= len(demos)
+    assert "<unk>" not in demo.tokenizer.decode(encode(demo.tokenizer, session.route(query).prompt))
+
+
+def test_ike_refuses_when_not_even_one_demonstration_fits(demo):
+    """A prompt that fits the model, but leaves no room for a demonstration beside the new fact."""
+    words = 0
+    while len(encode(demo.tokenizer, f"The capital of the {'big ' * words}country France is")) < 28:
+        words += 1
+    long = EditRequest(f"The capital of the {'big ' * words}country {{}} is", "France", "Berlin", "Paris")
+    with pytest.raises(EditError, match="not even one demonstration fits"):
+        get_method("IKE").apply(demo, [long])
+    assert not handle_stack(demo)
+
+
+def test_the_new_fact_is_only_the_querys_context_not_a_copy_demonstration(demo):
+    """The paper's test prompt: other facts' demonstrations, then ``New Fact: <edit> Prompt: <query>``.
+    The new fact appears once, as the context of the query — no copy demonstration of the new fact
+    itself stands before a paraphrase or a neighbour (it showed them the answer to copy)."""
     edit = get_method("IKE").apply(demo, [FRANCE])
     edit.revert(demo)
     session = EditSession(demo)
     session.push(edit)
-    for query in ("The capital of France is", "In France, the capital city is",
-                  "According to the encyclopedia, France's capital city is"):
+    fact = new_fact(FRANCE)
+    for query in (FRANCE.text, "In France, the capital city is", "The capital of Germany is"):
         route = session.route(query)
-        assert route.prompt.endswith(query)
-        assert len(encode(demo.tokenizer, route.prompt)) + edit.reserve_tokens <= demo.max_length
-        assert 0 < route.n_demonstrations < len(edit.contexts[0]["demonstrations"])
-    assert "<unk>" not in demo.tokenizer.decode(encode(demo.tokenizer, session.route(query).prompt))
+        assert route.prompt.count(fact) == 1, route.prompt
+        assert route.prompt[: route.prefix_chars].endswith(IKEHParams.for_model(demo).query_prefix(fact))
+    assert all(not d.startswith(fact) for d in edit.contexts[0]["demonstrations"])
 
 
 def test_batch_and_stacked_ike_edits_put_the_matching_fact_in_context(demo):
@@ -134,12 +182,14 @@ def test_batch_and_stacked_ike_edits_put_the_matching_fact_in_context(demo):
 def test_ike_on_held_out_edits_of_the_demo_model(demo):
     """What in-context editing does to the demo model, which never saw a multi-sentence context.
 
-    Measured on 60 held-out edits (one batch IKE edit; ~1 demonstration fits the 64-token context):
-    log P(new target) rises by 5.7 nats on average on the edit prompts (for 97% of them) and by 5.4
-    nats on held-out-template paraphrases (for 90%), but the new target becomes the top-1 answer
-    for only 7% / 6% of them (0% without context); and the context hurts locality: the true answer
-    of an unrelated fact stays top-1 for only 24% of locality prompts (100% without context). The
-    test holds the method to what holds.
+    Measured on 60 held-out edits (one batch IKE edit; about 2 demonstrations of other facts fit the
+    64-token context, then the new fact as the query's context): log P(new target) rises by 6.0
+    nats on average on the edit prompts (for 92% of them) and by 5.6 nats on held-out-template
+    paraphrases (for 92%), but the new target becomes the top-1 answer for only 3% / 2% of them
+    (0% without context); and the context hurts locality: the true answer of an unrelated fact
+    stays top-1 for only 23% of locality prompts (100% without context). Before issue 13 (the new
+    fact's own copy demonstration before every query, about 1 other demonstration): 5.7 / 5.1
+    nats, 93% / 91%, top-1 3% / 3%, locality 29%. The test holds the method to what holds.
     """
     records = edit_records("heldout")[:60]
     edit = get_method("IKE").apply(demo, [r.request for r in records])

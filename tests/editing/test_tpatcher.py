@@ -72,7 +72,7 @@ def test_memory_cache_follows_the_edits_that_change_the_ffn_input():
     finally:
         below.revert(handle)
         patch.revert(handle)
-    kept = first.excluding([("France", "country_capital")])
+    kept = first.for_requests([REQ])
     assert 0 < kept.shape[0] <= first.inputs.shape[0]
 
 
@@ -96,7 +96,9 @@ def test_single_edits_are_reliable_and_local(demo):
 
 
 def test_sequential_edits_add_one_neuron_each_and_keep_earlier_edits(demo):
-    """50 edits stacked in one session: one neuron each, earlier edits still hold at the end."""
+    """50 edits stacked in one session: one neuron each, earlier edits still hold at the end.
+    Locality on neighbours outside T-Patcher's memory: 0.91 (0.94 before issue 13, when about 43% of
+    the fact base's probes were in the memory)."""
     records = edit_records("heldout", seed=1)[:50]
     near = neighbours(records[:20], per_record=3, exclude=[r.request.subject for r in records])
     base = predictions(demo, near)
@@ -112,7 +114,7 @@ def test_sequential_edits_add_one_neuron_each_and_keep_earlier_edits(demo):
     print(f"T-Patcher after 50 sequential edits: reliability {reliability:.2f}, generality {generality:.2f}, "
           f"locality {locality:.3f}, {sum(e.info['converged'] for e in session.edits)}/50 converged")
     assert reliability >= 0.9
-    assert locality >= 0.9
+    assert locality >= 0.88
     assert not handle_stack(demo)
 
 

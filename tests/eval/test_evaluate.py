@@ -45,7 +45,10 @@ def test_evaluate_edit_round_trip(demo, rank_one_method):
     assert 0.0 <= outcome.metrics["locality"] <= 1.0
     loc = table[table.kind == "locality"]
     assert outcome.metrics["locality"] == pytest.approx(loc["agreement"].mean())
-    assert outcome.wall_time_s > 0 and outcome.peak_memory_bytes >= 0
+    # the edit's own measurement, not the evaluation's (editing.measure is tested on its own)
+    assert outcome.wall_time_s == outcome.edit.stats.wall_time_s > 0
+    assert outcome.peak_memory_bytes == outcome.edit.stats.peak_memory_bytes
+    assert outcome.memory_kind == outcome.edit.stats.memory_kind == ("cuda" if demo.device.type == "cuda" else "rss")
 
     with session.active():  # the session's edit is there when asked for
         again = predict(session, probes.by_kind("reliability"))

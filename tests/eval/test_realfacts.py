@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from editing.factbase import load_factbase
+from editing.factbase import is_memory_subject, load_factbase
 from editing.request import EditRequest
 from editing.scoring import generate
 from editing.session import EditSession
@@ -180,11 +180,12 @@ def test_probes_for_a_typed_fact_come_from_the_known_facts():
     assert [p.prompt for p in gen] == [t.replace("{}", "Lyon") for t in city.templates[1:4]]
     assert all(p.answer == "Italy" and p.contrast == "France" for p in gen)
     loc = probes.by_kind("locality")
-    # neighbours: the same prompt about other known cities, with the model's answers; those sharing the
-    # true object first; none whose answer is the new target
-    assert loc[0].subject == "Marseille" and loc[0].answer == "France"
-    assert {(p.subject, p.answer) for p in loc} <= {("Marseille", "France"), ("Munich", "Germany"),
-                                                    ("Hamburg", "Germany"), ("Rotterdam", "the Netherlands")}
+    # neighbours: the same prompt about other known cities, with the model's answers; none whose answer
+    # is the new target, and only probe-side subjects: Marseille, Munich and Hamburg are on the training
+    # memory's side of the split (editing.factbase.is_memory_subject), so no method's memory can hold them
+    assert not any(is_memory_subject(s) for s in ("Rotterdam", "Milan")) and \
+        all(is_memory_subject(s) for s in ("Marseille", "Munich", "Hamburg", "Naples"))
+    assert [(p.subject, p.answer) for p in loc] == [("Rotterdam", "the Netherlands")]
     assert all(p.prompt == city.templates[0].replace("{}", p.subject) for p in loc)
     port = {p.prompt: (p.answer, p.contrast) for p in probes.by_kind("portability")}
     capital = next(c for c in COMPOSITIONS if c.id == "city_country_capital")

@@ -25,7 +25,11 @@ def few_steps(handle, method: str, steps: int = 3) -> dict[str, int]:
 def run_hparams(handle, method: str, editors: dict[str, str], steps: int | None = 3) -> dict[str, object]:
     """Hyper-parameters for running ``method`` on ``handle`` in a reliability test: loops capped at
     ``steps`` (None: the method's own), and a learned method's editor taken from ``editors``
-    (method -> checkpoint folder). Skips the test when the method cannot run on the model."""
+    (method -> checkpoint folder, trained by the ``tiny_editors`` fixture).
+
+    Fails the test when the method still cannot run: every learned editor was trained for it, so a
+    method that is not ready means broken training or a broken checkpoint, which a skip would hide.
+    """
     import pytest
 
     hparams: dict[str, object] = few_steps(handle, method, steps) if steps is not None else {}
@@ -33,7 +37,9 @@ def run_hparams(handle, method: str, editors: dict[str, str], steps: int | None 
         hparams["checkpoint"] = editors[method]
     problem = get_method(method).readiness(handle, hparams)
     if problem is not None:
-        pytest.skip(f"{method} is not ready on {handle.name}: {problem}")
+        trained = "its quick editor was trained for this test" if method in editors else \
+            "no quick editor was trained for it (is its trainer registered in editing.train.TRAINERS?)"
+        pytest.fail(f"{method} is not ready on {handle.name} although {trained}: {problem}")
     return hparams
 
 
