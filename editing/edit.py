@@ -372,7 +372,9 @@ def load_edit(path: str | Path) -> Edit:
         raise EditError(f"{base}.json is not an EditScope edit file.")
     cls = EDIT_TYPES.get(meta.get("type", ""))
     if cls is None:
-        import editing.methods  # noqa: F401  (registers the edit types of every method)
+        from editing.methods import import_all_methods  # the method modules register their edit types
+
+        import_all_methods()
 
         cls = EDIT_TYPES.get(meta.get("type", ""))
     if cls is None:

@@ -117,7 +117,7 @@ class EditSession:
 
         On any error the stack and the model stay as they were.
         """
-        from editing.methods import METHODS, get_method
+        from editing.methods import available_methods, get_method
         from editing.methods.base import EditMethod, as_requests
 
         if isinstance(method, str):
@@ -125,7 +125,7 @@ class EditSession:
         elif isinstance(method, EditMethod):
             method_obj = method
         else:  # None or a number would fail later as an AttributeError that names no argument
-            raise TypeError(f"method must be a method name (one of {', '.join(sorted(METHODS))}) or an "
+            raise TypeError(f"method must be a method name (one of {', '.join(available_methods())}) or an "
                             f"EditMethod, not {type(method).__name__}.")
         requests = as_requests(requests)
         with self.active():

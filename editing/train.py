@@ -275,8 +275,10 @@ def train_editor(handle: ModelHandle, method: str, overrides: dict[str, Any] | N
     racing it. Trainers hold the model's lock only while they touch the model (one step at a
     time), so edit sessions sharing the model keep working during a long training.
     """
-    import editing.methods  # noqa: F401  (registers the trainers)
     from editing.edit import handle_stack
+    from editing.methods import import_all_methods
+
+    import_all_methods()  # method modules register their trainers on import
 
     if method not in TRAINERS:
         raise KeyError(f"No trainer for {method!r}; trainable methods: {', '.join(sorted(TRAINERS))}.")
@@ -307,7 +309,9 @@ def train_editor(handle: ModelHandle, method: str, overrides: dict[str, Any] | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    import editing.methods  # noqa: F401
+    from editing.methods import import_all_methods
+
+    import_all_methods()  # method modules register their trainers on import
 
     parser = argparse.ArgumentParser(prog="python -m editing.train", description=__doc__.splitlines()[0])
     parser.add_argument("method", help=f"one of: {', '.join(sorted(TRAINERS)) or '(none registered)'}")

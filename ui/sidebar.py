@@ -159,8 +159,10 @@ def _editor_choice(method: str, handle: ModelHandle, key: str) -> str:
 
 def _train_button(method: str, handle: ModelHandle, model_key: str) -> None:
     """Offer to train a learned editor; training runs in the background, shared by every session."""
-    import editing.methods  # noqa: F401  (registers the trainers)
+    from editing.methods import import_all_methods
     from editing.train import TRAINERS, train_editor
+
+    import_all_methods()  # method modules register their trainers on import
 
     if method not in TRAINERS:
         return

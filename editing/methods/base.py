@@ -7,6 +7,7 @@ hyper-parameter dataclass whose defaults are derived from the model it edits.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -225,6 +226,16 @@ class EditMethod(ABC):
         """Compute the edit (leaving weights as found) and return it, applied or not."""
 
 
+#: every built-in method and the module that defines it. A module is imported on first use, so the
+#: shared machinery (and ``import editing.methods``) loads no method — the registry is a table, not a cycle.
+METHOD_MODULES: dict[str, str] = {
+    "FT": "editing.methods.ft", "FT-L": "editing.methods.ft", "FT-M": "editing.methods.ft",
+    "KN": "editing.methods.kn", "ROME": "editing.methods.rome", "MEMIT": "editing.methods.memit",
+    "AlphaEdit": "editing.methods.alphaedit", "KE": "editing.methods.ke", "MEND": "editing.methods.mend",
+    "SERAC": "editing.methods.serac", "IKE": "editing.methods.ike", "T-Patcher": "editing.methods.tpatcher",
+    "CaliNET": "editing.methods.calinet", "GRACE": "editing.methods.grace",
+}
+#: the method classes imported so far (their modules register them), and any registered by users
 METHODS: dict[str, type[EditMethod]] = {}
 
 
@@ -236,10 +247,28 @@ def register(cls: type[EditMethod]) -> type[EditMethod]:
     return cls
 
 
+def method_names() -> list[str]:
+    """Names of every method, built-in or registered, sorted (imports nothing)."""
+    return sorted(set(METHOD_MODULES) | set(METHODS))
+
+
+def method_class(name: str) -> type[EditMethod]:
+    """The class of the method called ``name`` (case-insensitive), importing its module on first use."""
+    lookup = {key.lower(): key for key in method_names()}
+    key = lookup.get(name.strip().lower()) if isinstance(name, str) else None
+    if key is None:
+        raise KeyError(f"Unknown editing method {name!r}; available: {', '.join(method_names())}.")
+    if key not in METHODS:
+        importlib.import_module(METHOD_MODULES[key])
+    return METHODS[key]
+
+
+def import_all_methods() -> None:
+    """Import every built-in method's module (registering their methods and edit types)."""
+    for module in dict.fromkeys(METHOD_MODULES.values()):
+        importlib.import_module(module)
+
+
 def get_method(name: str) -> EditMethod:
     """A new instance of the method registered as ``name`` (case-insensitive)."""
-    lookup = {key.lower(): key for key in METHODS}
-    key = lookup.get(name.strip().lower())
-    if key is None:
-        raise KeyError(f"Unknown editing method {name!r}; available: {', '.join(sorted(METHODS))}.")
-    return METHODS[key]()
+    return method_class(name)()

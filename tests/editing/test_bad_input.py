@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from editing.edit import handle_stack
-from editing.methods import METHODS, InvalidHParams, available_methods, get_method
+from editing.methods import InvalidHParams, available_methods, get_method, method_class
 from editing.methods.base import HParams, check_spelled
 from editing.request import EditRequest, InvalidEditRequest
 from editing.session import EditSession
@@ -32,8 +32,8 @@ def no_work(monkeypatch):
     def forbidden(*_args, **_kwargs):
         raise AssertionError("the method computed before the input was checked")
 
-    for cls in METHODS.values():
-        monkeypatch.setattr(cls, "_execute", forbidden)
+    for name in available_methods():
+        monkeypatch.setattr(method_class(name), "_execute", forbidden)
 
 
 # -- targets the tokenizer cannot spell -----------------------------------------------------------

@@ -13,7 +13,9 @@ def tiny_editors(tmp_path_factory) -> dict[str, str]:
     """Checkpoint folders of the learned editors trained for a few steps (each trainer's ``quick``
     settings) for ``tiny_model("gpt2")``, so that every registered method, MEND, KE and SERAC
     included, goes through the reliability tests, which check failure handling, not edit quality."""
-    import editing.methods  # noqa: F401  (registers the trainers)
+    from editing.methods import import_all_methods
+
+    import_all_methods()  # method modules register their trainers on import
 
     handle = tiny_model("gpt2")
     patch = pytest.MonkeyPatch()

@@ -1,0 +1,27 @@
+"""The method registry is a table: importing the package or the shared machinery loads no method."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from editing.methods import METHOD_MODULES, available_methods, get_method, method_class
+
+
+def test_importing_the_core_loads_no_method_module():
+    code = ("import sys, editing.methods, editing.edit, editing.session, editing.stats, editing.compute; "
+            "print(sorted(m for m in sys.modules if m.startswith('editing.methods.') "
+            "and m not in ('editing.methods.base', 'editing.methods.checks')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_method_is_imported_on_first_use_and_names_are_case_insensitive():
+    assert available_methods() == sorted(METHOD_MODULES)
+    assert get_method("rome").name == "ROME" and method_class("t-patcher").name == "T-Patcher"
+    for name in available_methods():
+        assert method_class(name).__module__ == METHOD_MODULES[name]
+    with pytest.raises(KeyError, match="available: AlphaEdit"):
+        get_method("No-Such-Method")
