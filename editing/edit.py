@@ -11,12 +11,29 @@ Three kinds cover every method (see DESIGN.md):
 Applying keeps a copy of exactly the tensors it changes, and reverting copies them back, so
 revert restores every parameter bit for bit. An edit is applied at most once at a time and
 edits on one model must be reverted in reverse order (the handle keeps the stack and checks).
+
+Precision and devices: a delta is materialised in float32 on its parameter's device (a model
+spread over several devices by ``device_map`` keeps each update where its weight lives). A
+float32 (or float64) weight gets ``W + Δ`` in its own precision, as before. A bfloat16/float16
+weight cannot hold a small ``Δ``: ``W + Δ`` rounds back to ``W`` when ``|Δ|`` is below half a
+unit in the last place (bfloat16 keeps 8 significant bits, so ~4e-3 relative; FT-L's ε = 5e-5 on
+GPT-J weights of ~0.02 is below it), and rounding after every edit of a stack loses each small
+step again. So the handle keeps a float32 *master* copy of every low-precision weight that
+applied edits changed (:func:`float_masters`): each edit adds its ``Δ`` to the master in float32
+and the weight becomes the master rounded once (``round(W₀ + Δ₁ + … + Δₙ)``), so deltas below the
+weight's resolution still add up over a stack of edits. Reverting restores the weight from the
+exact copy taken by the first edit of a weight, or from the previous master rounded the same
+way it was rounded when applied, so it is bit for bit; the master goes when the first edit of a
+weight is reverted. Memory, on the weight's device: the first applied edit of a low-precision
+weight keeps its exact copy and a float32 master (three times the bfloat16 weight, where a plain
+backup would be one), each further edit of it one more float32 master.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -181,11 +198,18 @@ class ParamDelta:
     def rank(self) -> int | None:
         return None if self.left is None else self.left.shape[1]
 
-    def materialise(self) -> torch.Tensor:
+    def materialise(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The dense delta; with ``device``, in float32 on that device (low-rank factors are moved
+        first and multiplied there: moving the small factors is cheaper than the product)."""
+        if device is None:
+            if self.dense is not None:
+                return self.dense
+            assert self.left is not None and self.right is not None
+            return self.left.float() @ self.right.float()
         if self.dense is not None:
-            return self.dense
+            return self.dense.to(device, torch.float32)
         assert self.left is not None and self.right is not None
-        return self.left.float() @ self.right.float()
+        return self.left.to(device, torch.float32) @ self.right.to(device, torch.float32)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         if self.dense is not None:
@@ -198,17 +222,49 @@ def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+def needs_float_master(param: torch.Tensor) -> bool:
+    """Whether ``param`` is stored in less than float32 precision (bfloat16, float16, float8), so
+    deltas are summed in a float32 master copy (see the module docstring)."""
+    return param.is_floating_point() and torch.finfo(param.dtype).bits < 32
+
+
+def float_masters(handle: ModelHandle) -> dict[str, torch.Tensor]:
+    """Parameter name -> float32 master copy of the low-precision weights that the edits applied to
+    ``handle`` now change (``round(master)`` is the weight); empty when no edit is applied."""
+    masters = getattr(handle, "_float_masters", None)
+    if masters is None:
+        masters = {}
+        handle._float_masters = masters  # type: ignore[attr-defined]
+    return masters
+
+
+def _master_is_current(master: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether the weight is still its master rounded; False when something wrote the weight
+    outside the edit machinery (the master is then stale and is started again from the weight)."""
+    if param.is_meta:  # no values to compare (shape-only tensors in tests and dry runs)
+        return True
+    return torch.equal(master.to(param.dtype), param)
+
+
 @register_edit_type
 @dataclass(eq=False)
 class WeightDelta(Edit):
-    """Added deltas on named parameters (``W ← W + Δ``); revert copies the saved originals back."""
+    """Added deltas on named parameters (``W ← W + Δ``); revert copies the saved originals back.
+
+    Each delta is applied on its parameter's device in float32; low-precision weights are summed
+    in float32 masters and rounded once (module docstring).
+    """
 
     deltas: dict[str, ParamDelta] = field(default_factory=dict)
     kind: ClassVar[str] = "weight_delta"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # name -> what revert copies back: an exact copy of the weight, or (low precision, not the
+        # weight's first edit) the previous float32 master, which rounds to the previous weight
         self._backup: dict[str, torch.Tensor] = {}
+        # name -> the handle's master entry before this edit (None: there was none)
+        self._masters_before: dict[str, torch.Tensor | None] = {}
         for name, delta in self.deltas.items():
             for tensor in delta.tensors(name).values():
                 if not is_finite(tensor):
@@ -220,21 +276,53 @@ class WeightDelta(Edit):
             shape = self.deltas[name].shape
             if shape != tuple(param.shape):
                 raise EditError(f"Delta for {name} has shape {shape}, parameter has {tuple(param.shape)}.")
-        self._backup = {name: param.detach().clone() for name, param in params.items()}
+        self._backup, self._masters_before = {}, {}
+        masters = float_masters(handle)
         try:
             for name, param in params.items():
-                delta = self.deltas[name].materialise().to(param.device, torch.float32)
-                param.copy_((param.float() + delta).to(param.dtype))
+                # on the parameter's own device: with a device_map the layers live on several
+                delta = self.deltas[name].materialise(param.device)
+                if not needs_float_master(param):
+                    self._backup[name] = param.detach().clone()
+                    work = torch.promote_types(param.dtype, torch.float32)  # float64 weights stay float64
+                    param.copy_((param.to(work) + delta.to(work)).to(param.dtype))
+                    continue
+                self._masters_before[name] = masters.get(name)
+                master = masters.get(name)
+                if master is None or not _master_is_current(master, param):
+                    self._backup[name] = param.detach().clone()  # exact bits, whatever rounding does
+                    master = param.detach().float()
+                else:
+                    self._backup[name] = master  # rounds to the weight as it is now (it did when applied)
+                updated = master + delta
+                rounded = updated.to(param.dtype)
+                if not param.is_meta and torch.equal(rounded, param) and bool(delta.ne(0).any()):
+                    warnings.warn(
+                        f"{self.method}: the update of {name} is below {param.dtype} resolution, so the "
+                        f"{param.dtype} weight did not change (its float32 sum is kept: later edits of "
+                        f"this weight still add up). Load the model in float32 to apply it on its own.",
+                        stacklevel=3)  # the caller of Edit.apply
+                masters[name] = updated
+                param.copy_(rounded)
         except BaseException:
-            for name, original in self._backup.items():
-                params[name].copy_(original)
-            self._backup = {}
+            self._restore(handle, params)
             raise
 
+    def _restore(self, handle: ModelHandle, params: dict[str, torch.nn.Parameter] | None = None) -> None:
+        """Put back every weight and master entry this edit changed (revert, or a failed apply)."""
+        masters = float_masters(handle)
+        for name, saved in self._backup.items():
+            param = params[name] if params is not None else handle.parameter(name)
+            param.copy_(saved.to(param.dtype))  # a no-op cast for exact copies
+        for name, before in self._masters_before.items():
+            if before is None:
+                masters.pop(name, None)
+            else:
+                masters[name] = before
+        self._backup, self._masters_before = {}, {}
+
     def _revert(self, handle: ModelHandle) -> None:
-        for name, original in self._backup.items():
-            handle.parameter(name).copy_(original)
-        self._backup = {}
+        self._restore(handle)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

@@ -200,9 +200,34 @@ def shifted(handle: ModelHandle, shifts: dict[str, LowRankShift],
             h.remove()
 
 
+def editor_on(editor: nn.Module, device: torch.device | str) -> nn.Module:
+    """``editor`` moved to ``device`` (the model's), its parameters in float32 whatever the model's
+    dtype.
+
+    Editors are built on the CPU, so their seeded initialisation (CPU generators) is the same on
+    every device, and then moved: their inputs (the gradient factors, the embedded conditions) are
+    on the model's device, so an editor left on the CPU fails beside a GPU model. They compute in
+    float32 — the factors are float32, and :func:`shifted` casts a shift to the model's dtype only
+    where it joins the model's activations — so a bfloat16/float16 model trains and applies them
+    unchanged. Float64 buffers (MEND's running moments) stay float64, except on MPS, which has no
+    float64.
+    """
+    device = torch.device(device)
+    for module in editor.modules():
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+        if device.type == "mps":  # before moving: a float64 tensor cannot even be sent to MPS
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.dtype == torch.float64:
+                    module._buffers[name] = buffer.float()
+    return editor.to(device)
+
+
 def to_param_delta(handle: ModelHandle, weight_name: str, left: torch.Tensor, right: torch.Tensor) -> ParamDelta:
     """A :class:`ParamDelta` for ``Δ = leftᵀ right`` (``left (r, out)``, ``right (r, in)``) in the
-    parameter's storage shape."""
+    parameter's storage shape. The factors are kept on the CPU in float32 (they are small; the
+    edit moves them to the weight's device and multiplies there when applied)."""
     left, right = left.detach().float().cpu(), right.detach().float().cpu()
     if handle.arch.conv1d:  # stored (in, out): Δᵀ = rightᵀ left
         return ParamDelta.low_rank(right.T.contiguous(), left.contiguous())
@@ -668,10 +693,10 @@ class TrainedEditorMixin:
     def trained_editor(self, handle: ModelHandle, hparams: Any,
                        build: Callable[[dict[str, Any]], nn.Module]) -> tuple[nn.Module, Path]:
         """The editor to use for ``hparams`` (built from its training config by ``build``), on the
-        model's device, and its checkpoint folder."""
+        model's device in float32, and its checkpoint folder."""
         folder = self.checkpoint_folder(handle, hparams)
         editor, _config = load_trained_editor(folder, build)
-        return editor.to(handle.device), folder
+        return editor_on(editor, handle.device), folder
 
     def checkpoint_folder(self, handle: ModelHandle, hparams: Any) -> Path:
         """The folder of the editor ``hparams`` choose; ``EditMethod.apply`` has already checked it

@@ -35,7 +35,14 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the first parameter's (the embeddings') device. With a ``device_map``
+        over several devices the other layers may live elsewhere (:attr:`devices`)."""
         return next(self.model.parameters()).device
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device holding parameters, in the order they first appear."""
+        return list(dict.fromkeys(p.device for p in self.model.parameters()))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -85,16 +92,67 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def _bf16_supported() -> bool:
+    try:
+        return bool(torch.cuda.is_bf16_supported())
+    except (AssertionError, RuntimeError):  # no CUDA build or no usable device
+        return False
+
+
+def default_gpu_dtype(device: torch.device) -> torch.dtype:
+    """Half precision on a GPU: bfloat16 where the CUDA device supports it (Ampere and later; the
+    exponent range of float32, so no overflow in activations), else float16 (older CUDA cards, MPS)."""
+    if device.type == "cuda" and _bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
 def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
-    """float32 on CPU; on a GPU the requested dtype (float32, float16 or bfloat16)."""
-    if dtype is None or device.type == "cpu":
+    """float32 on CPU; on a GPU the requested dtype (float32, float16 or bfloat16), by default half
+    precision (:func:`default_gpu_dtype`): a 7-8B model then takes 15-16 GB instead of 30.
+
+    Edits stay exact in half precision: deltas are summed in float32 masters and rounded once
+    (:mod:`editing.edit`).
+    """
+    if device.type == "cpu":
         return torch.float32
+    if dtype is None:
+        return default_gpu_dtype(device)
     if isinstance(dtype, str):
         names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
         if dtype not in names:
             raise ValueError(f"Unknown dtype {dtype!r}; choose one of {sorted(names)}.")
         return names[dtype]
     return dtype
+
+
+DeviceMap = str | dict[str, int | str | torch.device]
+
+
+def main_device(device_map: DeviceMap) -> torch.device:
+    """The device that decides the default dtype of a ``device_map``: the first accelerator a dict
+    names, else the CPU; for ``"auto"`` and the other strategies the best available device."""
+    if isinstance(device_map, dict):
+        for place in device_map.values():
+            if isinstance(place, int):
+                return torch.device("cuda", place)
+            if str(place) not in ("cpu", "disk", "meta"):
+                return torch.device(place)
+        return torch.device("cpu")
+    return pick_device(None)
+
+
+def check_placement(model: PreTrainedModel, spec: str) -> None:
+    """Refuse a model whose ``device_map`` offloaded weights (to CPU next to a GPU, or to disk):
+    accelerate then keeps them outside the parameters (on the ``meta`` device) and moves them in
+    for each forward pass, so an edit could not write them."""
+    offloaded = sorted({name.rsplit(".", 1)[0] for name, param in model.named_parameters() if param.is_meta})
+    if offloaded:
+        shown = ", ".join(offloaded[:3]) + (f" and {len(offloaded) - 3} more" if len(offloaded) > 3 else "")
+        raise ValueError(
+            f"Loading {spec!r} with this device_map offloads weights ({shown}) that edits cannot write: "
+            f"give it more device memory (max_memory), a half-precision dtype, or a device_map that places "
+            f"every layer on a device.")
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -129,20 +187,34 @@ def _is_local_dir(spec: str) -> bool:
 
 def load_model(spec: str, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None,
-               progress: Callable[[float, str], None] | None = None) -> ModelHandle:
+               progress: Callable[[float, str], None] | None = None,
+               device_map: DeviceMap | None = None,
+               max_memory: dict[int | str, int | str] | None = None) -> ModelHandle:
     """Load ``"demo"``, a pretrained short name (``"smollm2-135m"``, see
     :data:`editing.pretrained.PRETRAINED`), a local directory, or a Hugging Face id already in the
     local cache.
 
     The demo model is built and a pretrained model converted on first use (``progress`` reports
     that work). Never runs remote code and prefers safetensors weights.
+
+    Placement: by default the whole model goes to ``device`` (:func:`pick_device`); on CUDA it is
+    loaded straight onto the GPU (``device_map={"": device}``, no full copy in host memory first).
+    ``device_map`` (``"auto"``, ``"balanced"``, ... through accelerate, or a dict module -> device)
+    spreads the layers over several GPUs, ``max_memory`` capping each; ``device`` is then ignored.
+    Edits apply each delta on its weight's device; a map that offloads weights to CPU or disk next
+    to a GPU is refused (:func:`check_placement`). Precision: float32 on CPU, half precision by
+    default on a GPU (:func:`pick_dtype`). transformers 5 always loads with low host memory
+    (empty weights, then streamed shards): its ``low_cpu_mem_usage`` flag is gone.
     """
     spec = (spec or "").strip()
     if not spec:
         raise ModelNotFound("No model given: use 'demo', a pretrained name such as 'smollm2-135m', "
                             "a local directory or a Hugging Face id.")
-    dev = pick_device(device)
+    dev = main_device(device_map) if device_map is not None else pick_device(device)
     torch_dtype = pick_dtype(dev, dtype)
+    placement: DeviceMap | None = device_map
+    if placement is None and dev.type == "cuda":  # load the shards straight onto the GPU
+        placement = {"": dev.index if dev.index is not None else torch.cuda.current_device()}
     from editing.prepare import prepare_model
     from editing.pretrained import PRETRAINED_NAMES
 
@@ -175,11 +247,19 @@ def load_model(spec: str, device: str | torch.device | None = None,
             f"Model {spec!r} is a {config.model_type!r} model; EditScope supports "
             f"{SUPPORTED_FAMILIES}."
         )
+    placement_kwargs: dict[str, object] = {}
+    if placement is not None:
+        placement_kwargs["device_map"] = placement
+        if max_memory is not None:
+            placement_kwargs["max_memory"] = max_memory
     model = AutoModelForCausalLM.from_pretrained(
         source, local_files_only=local_only, trust_remote_code=False, use_safetensors=None,
-        dtype=torch_dtype,
+        dtype=torch_dtype, **placement_kwargs,
     )
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only,
                                               trust_remote_code=False)
-    model.to(dev)
+    if placement is None:
+        model.to(dev)
+    else:
+        check_placement(model, spec)
     return handle_from_model(model, tokenizer, name=spec)

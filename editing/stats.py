@@ -11,6 +11,33 @@ a text corpus — what kmeng01/rome's ``layer_stats`` collects as ``mom2``. It i
 * cached on disk under ``cache_dir("stats")``, keyed by the model, the layer, the corpus, the
   sample count and the maximum text length, and kept in memory once read.
 
+Memory. One ``d_ff × d_ff`` float64 matrix, ``M = 8·d_ff²`` bytes, is the unit (float32: M/2):
+
+========================  ======  =======  =========================================
+model                     d_ff    M        float32 moment (disk, memory cache: M/2)
+========================  ======  =======  =========================================
+demo                      768     4.7 MB   2.4 MB
+SmolLM2-135M              1,536   19 MB    9.4 MB
+GPT-2 XL                  6,400   0.33 GB  0.16 GB
+LLaMA-2-7B                11,008  0.97 GB  0.48 GB
+LLaMA-3-8B, Mistral-7B    14,336  1.64 GB  0.82 GB
+GPT-J-6B                  16,384  2.15 GB  1.07 GB
+Qwen2-7B                  18,944  2.87 GB  1.44 GB
+========================  ======  =======  =========================================
+
+* collecting ``L`` layers: ``L·M`` of float64 running sums, plus per batch one float32 product
+  (M/2) on the model's device and the captured keys (tokens × d_ff per layer). The sums stay on
+  the model's device when they fit in its free memory, else they go to host memory
+  (:func:`accumulation_device`; each batch's float32 product is then copied over, ~M/2 per layer
+  and batch). Either way each product is added in float64, so the result is the same bit for
+  bit. GPT-J's 6 MEMIT layers need 12.9 GB of sums: on the device of an 80 GB GPU beside the 12 GB
+  bfloat16 model, in host memory on a 24 GB one;
+* the moments returned are float32 on the CPU (``M/2`` per layer; at most
+  :data:`MEMORY_BUDGET_BYTES` of them stay cached in memory);
+* consumers move one to the device in float64 for a solve: ROME about 2M (``C`` and the
+  solver's LU copy), MEMIT about 4M per layer (``C``, ``λC``, ``KKᵀ``, their sum, then the LU copy;
+  6.6 GB on LLaMA-3-8B), AlphaEdit 2M plus its null-space basis (:mod:`editing.methods.alphaedit`).
+
 Corpora (the ``corpus`` argument):
 
 * ``"bundled"`` (the default for the demo model and the tiny test models, whose word-level
@@ -269,17 +296,57 @@ def clear_memory_cache() -> None:
     _MEMORY.clear()
 
 
+# -- memory planning ------------------------------------------------------------------------------
+#: the share of a device's free memory that planned allocations may take (the rest is left to
+#: the allocator's fragmentation, activations and other sessions)
+DEVICE_HEADROOM = 0.8
+
+
+def free_device_bytes(device: torch.device | str) -> int | None:
+    """Free memory of a CUDA device in bytes; None where it is not known (CPU, MPS)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def fits_on(device: torch.device | str, n_bytes: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether ``n_bytes`` of ``dtype`` tensors can be placed on ``device`` now: always on the CPU
+    (host memory is the fallback), never float64 on MPS (it has none), on CUDA within
+    :data:`DEVICE_HEADROOM` of the free memory."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True
+    if device.type == "mps" and dtype == torch.float64:
+        return False
+    free = free_device_bytes(device)
+    return free is not None and n_bytes <= DEVICE_HEADROOM * free
+
+
+def accumulation_device(handle: ModelHandle, n_layers: int, precision: torch.dtype = torch.float64) -> torch.device:
+    """Where :func:`collect_second_moments` keeps its running sums: the model's device when the
+    ``n_layers`` sums (plus one batch's float32 product) fit there, else the CPU."""
+    d_ff = handle.d_ff
+    itemsize = torch.empty((), dtype=precision).element_size()
+    needed = n_layers * d_ff * d_ff * itemsize + d_ff * d_ff * 4
+    return handle.device if fits_on(handle.device, needed, precision) else torch.device("cpu")
+
+
 # -- collection -----------------------------------------------------------------------------------
 @torch.no_grad()
 def collect_second_moments(handle: ModelHandle, layers: Sequence[int], texts: Sequence[str],
                            max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 32,
                            precision: torch.dtype = torch.float64,
-                           progress: ProgressFn | None = None) -> tuple[dict[int, torch.Tensor], int]:
+                           progress: ProgressFn | None = None,
+                           accumulate_on: torch.device | str | None = None) -> tuple[dict[int, torch.Tensor], int]:
     """``E[k kᵀ]`` at each layer over every non-pad token of ``texts``, in one pass; no caching.
 
-    Each batch's sum of outer products is taken in float32 and added to a running sum kept in
-    ``precision`` (float64 by default). Returns (layer -> ``(d_ff, d_ff)`` moment in
-    ``precision`` on the model's device, token count).
+    Each batch's sum of outer products is taken in float32 on the layer's device and added to a
+    running sum kept in ``precision`` (float64 by default) on ``accumulate_on`` (default:
+    :func:`accumulation_device`, the model's device when the sums fit there, else the CPU; the
+    result is the same bit for bit either way). Returns (layer -> ``(d_ff, d_ff)`` moment in
+    ``precision`` on that device, token count). Memory: see the module docstring.
     """
     layers = sorted(set(layers))
     if not layers:
@@ -291,7 +358,9 @@ def collect_second_moments(handle: ModelHandle, layers: Sequence[int], texts: Se
     if not seqs:
         raise StatsError("None of the statistics texts produced a token.")
     d_ff = handle.d_ff
-    sums = {layer: torch.zeros(d_ff, d_ff, dtype=precision, device=handle.device) for layer in layers}
+    where = torch.device(accumulate_on) if accumulate_on is not None else \
+        accumulation_device(handle, len(layers), precision)
+    sums = {layer: torch.zeros(d_ff, d_ff, dtype=precision, device=where) for layer in layers}
     n_tokens = 0
     n_batches = (len(seqs) + batch_size - 1) // batch_size
     with capture(handle.model, names.values(), inputs=True) as store:
@@ -301,13 +370,15 @@ def collect_second_moments(handle: ModelHandle, layers: Sequence[int], texts: Se
             mask = batch.attention_mask.bool()
             for layer, name in names.items():
                 # One batch's products in float32 (a few thousand terms), the running sum in
-                # `precision`: float64 accuracy over the corpus at float32 speed.
-                keys = store[name][mask].float()
-                sums[layer] += (keys.T @ keys).to(precision)
+                # `precision`: float64 accuracy over the corpus at float32 speed. The product is
+                # taken where the layer's keys are (a device_map spreads layers over devices) and
+                # moved as float32; add_ widens it there, exactly as `.to(precision)` would.
+                keys = store[name][mask.to(store[name].device)].float()
+                sums[layer].add_((keys.T @ keys).to(where))
             n_tokens += int(mask.sum())
             if progress is not None:
                 progress((index + 1) / n_batches, f"second-moment statistics: batch {index + 1}/{n_batches}")
-    return {layer: total / n_tokens for layer, total in sums.items()}, n_tokens
+    return {layer: total.div_(n_tokens) for layer, total in sums.items()}, n_tokens  # in place: no second copy
 
 
 def second_moments(handle: ModelHandle, layers: Sequence[int], corpus: str | Path | None = None,

@@ -41,6 +41,7 @@ from editing.learned import (
     TrainedEditorMixin,
     default_edit_layers,
     edit_and_locality_losses,
+    editor_on,
     gradient_factors,
     lr_warmup_linear,
     mlp_weight_names,
@@ -139,11 +140,14 @@ class KEEditor(nn.Module):
                 for name, net in zip(self.weight_names, self.shifts_net, strict=True)}
 
 
-def build_editor(handle: ModelHandle, config: dict[str, Any]) -> KEEditor:
+def build_editor(handle: ModelHandle, config: dict[str, Any], device: torch.device | str | None = None) -> KEEditor:
+    """KE's hypernetwork for ``config``, initialised on the CPU (seeded) and placed on ``device``
+    (default: the model's) in float32 (:func:`editing.learned.editor_on`)."""
     names = mlp_weight_names(handle, config["layers"])
-    return KEEditor({n: out_in_shape(handle, n) for n in names}, embed_dim=handle.d_model,
-                    lstm_dim=config["lstm_dim"], condition_dim=config["condition_dim"],
-                    hidden_dim=config["hidden_dim"], max_scale=config["max_scale"], seed=config["seed"])
+    editor = KEEditor({n: out_in_shape(handle, n) for n in names}, embed_dim=handle.d_model,
+                      lstm_dim=config["lstm_dim"], condition_dim=config["condition_dim"],
+                      hidden_dim=config["hidden_dim"], max_scale=config["max_scale"], seed=config["seed"])
+    return editor_on(editor, handle.device if device is None else device)
 
 
 def _words(handle: ModelHandle, text: str) -> list[int]:

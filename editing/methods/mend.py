@@ -38,6 +38,7 @@ from editing.learned import (
     TrainedEditorMixin,
     default_edit_layers,
     edit_and_locality_losses,
+    editor_on,
     gradient_factors,
     mlp_weight_names,
     out_in_shape,
@@ -115,7 +116,7 @@ class RunningMoments(nn.Module):
     def update(self, rows: torch.Tensor) -> None:
         if rows.shape[0] == 0:
             return
-        rows = rows.double()
+        rows = rows.to(self.mean.dtype)  # float64, except where the device has none (MPS)
         n_new = float(rows.shape[0])
         mean_new = rows.mean(0)
         m2_new = ((rows - mean_new) ** 2).sum(0)
@@ -176,10 +177,13 @@ class MENDEditor(nn.Module):
         return out
 
 
-def build_editor(handle: ModelHandle, config: dict[str, Any]) -> MENDEditor:
+def build_editor(handle: ModelHandle, config: dict[str, Any], device: torch.device | str | None = None) -> MENDEditor:
+    """MEND's editor for ``config``, initialised on the CPU (seeded) and placed on ``device`` (default:
+    the model's) in float32 (:func:`editing.learned.editor_on`)."""
     names = mlp_weight_names(handle, config["layers"])
-    return MENDEditor({n: out_in_shape(handle, n) for n in names}, rank=config["rank"],
-                      n_hidden=config["n_hidden"], edit_lr=config["edit_lr"], seed=config["seed"])
+    editor = MENDEditor({n: out_in_shape(handle, n) for n in names}, rank=config["rank"],
+                        n_hidden=config["n_hidden"], edit_lr=config["edit_lr"], seed=config["seed"])
+    return editor_on(editor, handle.device if device is None else device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,11 +9,19 @@ from editing import stats
 from editing.compute import context_keys, mlp_key_value
 from editing.context import memit_context_templates
 from editing.edit import load_edit
-from editing.methods import get_method
-from editing.methods.alphaedit import AlphaEditDelta, AlphaEditHyperParams, earlier_keys, null_space_projection
+from editing.methods import alphaedit, get_method
+from editing.methods.alphaedit import (
+    AlphaEditDelta,
+    AlphaEditHyperParams,
+    alphaedit_solver,
+    earlier_keys,
+    null_space,
+    null_space_projection,
+)
 from editing.request import EditRequest
 from editing.scoring import score_targets
 from editing.session import EditSession
+from editing.tiny import tiny_model
 from tests.editing.test_rome import counterfact_cases, efficacy_hits
 from tests.helpers import assert_params_equal, params_snapshot
 
@@ -36,6 +44,69 @@ def test_projection_is_onto_the_small_eigenvalue_subspace():
     assert float(projection.trace()) == pytest.approx(3.0, abs=1e-6)
     assert torch.allclose(projection @ basis[:, :3], torch.zeros(6, 3, dtype=torch.float64), atol=1e-5)
     assert torch.allclose(projection @ basis[:, 3:], basis[:, 3:], atol=1e-5)
+
+
+def moment_with_spectrum(eigenvalues: list[float], seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=gen, dtype=torch.float64))
+    return ((basis * torch.tensor(eigenvalues, dtype=torch.float64)) @ basis.T).float()
+
+
+@pytest.mark.parametrize("n_small", [2, 9])
+def test_null_space_keeps_the_smaller_basis_and_projects_like_the_dense_projection(n_small):
+    eigenvalues = [0.001 * (i + 1) for i in range(n_small)] + [1.0 + i for i in range(12 - n_small)]
+    moment = moment_with_spectrum(eigenvalues)
+    space = null_space(moment, threshold=0.02)
+    assert space.dim == n_small and space.complement == (n_small > 6)
+    assert space.basis.shape == (12, min(n_small, 12 - n_small)) and space.basis.device.type == "cpu"
+    values, vectors = torch.linalg.eigh(moment.double())
+    small = vectors[:, values < 0.02]
+    dense = small @ small.T  # the reference's P
+    x = torch.randn(12, 5, dtype=torch.float64)
+    assert torch.allclose(space.project(x), dense @ x, atol=1e-12)
+    assert torch.allclose(null_space_projection(moment, 0.02), dense, atol=1e-12)
+
+
+def test_null_space_falls_back_to_the_cpu_and_its_cache_is_bounded(monkeypatch):
+    alphaedit._NULL_SPACES.clear()
+    moments = [moment_with_spectrum([0.001, 0.002, 1.0, 2.0, 3.0, 4.0], seed=s) for s in range(3)]
+    # a device without room (here: one whose free memory is unknown) computes on the CPU
+    space = null_space(moments[0], 0.02, device="meta")
+    assert space.basis.device.type == "cpu" and space.dim == 2
+    monkeypatch.setattr(alphaedit, "PROJECTION_MEMORY_BYTES", 2 * (6 * 6 * 4 + 6 * 2 * 8))  # room for two
+    for moment in moments:
+        null_space(moment, 0.02)
+    assert [entry[0] for entry in alphaedit._NULL_SPACES.values()] == moments[1:]  # least recently used went
+    monkeypatch.setattr(alphaedit, "PROJECTION_MEMORY_BYTES", 0)
+    null_space(moments[0], 0.02)
+    assert len(alphaedit._NULL_SPACES) == 1  # the one in use always stays
+    alphaedit._NULL_SPACES.clear()
+
+
+def test_solver_matches_the_reference_formula_with_earlier_keys():
+    """``(P (K Kᵀ + K_p K_pᵀ) + L2·I)⁻¹ P K`` as the reference writes it, against the solver's
+    reassociated form, with the keys of an earlier AlphaEdit edit on the stack."""
+    handle = tiny_model("gpt2")
+    d_ff, layer = handle.d_ff, 1
+    gen = torch.Generator().manual_seed(0)
+    small, large = d_ff // 4, d_ff - d_ff // 4
+    spectrum = torch.cat([torch.rand(small, generator=gen) * 1e-3, 0.1 + torch.rand(large, generator=gen)])
+    moment = moment_with_spectrum(spectrum.tolist())
+    hp = AlphaEditHyperParams.for_model(handle).replace(L2=0.5)
+    keys = torch.randn(d_ff, 3, generator=gen, dtype=torch.float64)
+    previous = torch.randn(4, d_ff, generator=gen)
+    earlier = AlphaEditDelta(method="AlphaEdit", requests=REQUESTS, hparams={}, preserved_keys={layer: previous})
+    earlier.apply(handle)  # no deltas: it only puts its keys on the stack
+    try:
+        got = alphaedit_solver(handle, {layer: moment}, hp)(layer, keys, torch.zeros(handle.d_model, 3))
+    finally:
+        earlier.revert(handle)
+    projection = null_space_projection(moment, hp.nullspace_threshold)
+    previous = previous.double()
+    covariance = keys @ keys.T + previous.T @ previous
+    expected = torch.linalg.solve(projection @ covariance + hp.L2 * torch.eye(d_ff, dtype=torch.float64),
+                                  projection @ keys)
+    assert float((got - expected).norm() / expected.norm()) < 1e-9
 
 
 def test_alphaedit_on_every_family_keeps_keys_and_reverts_exactly(tiny_handle, isolated_cache, tmp_path):

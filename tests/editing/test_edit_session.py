@@ -17,6 +17,7 @@ from editing.edit import (
     ParamDelta,
     Route,
     WeightDelta,
+    float_masters,
     load_edit,
     register_edit_type,
 )
@@ -279,3 +280,152 @@ def test_tentatively_puts_back_the_stack_and_redo_list_on_error():
     with session.tentatively():
         session.push(kept)
     assert session.edits == (undone, kept)
+
+
+# -- precision and devices ------------------------------------------------------------------------
+#: the spacing of bfloat16 values in [1, 2): 8 significant bits
+BF16_STEP = 2.0**-7
+
+
+def bf16_handle(family: str = "llama"):
+    handle = tiny_model(family)
+    handle.model.to(torch.bfloat16)
+    return handle
+
+
+def weight_in_one_to_two(handle, layer: int = 1) -> tuple[str, torch.nn.Parameter]:
+    """One MLP output weight set to bfloat16 values in [1, 1.9], where the resolution is BF16_STEP
+    (and stays so after adding a few steps)."""
+    name = handle.arch.mlp_out_name(layer) + ".weight"
+    param = handle.parameter(name)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        param.copy_(1 + 0.9 * torch.rand(param.shape, generator=gen))
+    return name, param
+
+
+def constant_delta(name: str, shape, value: float) -> WeightDelta:
+    return WeightDelta(method="test", requests=[REQ], hparams={},
+                       deltas={name: ParamDelta(dense=torch.full(shape, value))})
+
+
+def test_bf16_deltas_below_resolution_add_up_over_a_stack_and_revert_exactly():
+    handle = bf16_handle()
+    name, param = weight_in_one_to_two(handle)
+    before = params_snapshot(handle)
+    original = param.detach().clone()
+    small = 0.4 * BF16_STEP  # rounds away on its own: below half a step
+    edits = [constant_delta(name, param.shape, small) for _ in range(3)]
+    with pytest.warns(UserWarning, match="below torch.bfloat16 resolution"):
+        edits[0].apply(handle)
+    assert torch.equal(param, original)  # one edit alone cannot show in bfloat16 ...
+    edits[1].apply(handle)
+    # ... but the float32 master sums both: 0.8 of a step rounds up by one step everywhere
+    assert torch.equal(param.float() - original.float(), torch.full(param.shape, BF16_STEP))
+    assert torch.equal(param, ((original.float() + small) + small).to(torch.bfloat16))  # rounded once
+    with pytest.warns(UserWarning, match="below"):  # 1.2 steps round to the same one step
+        edits[2].apply(handle)
+    after_three = param.detach().clone()
+    assert torch.equal(after_three, (((original.float() + small) + small) + small).to(torch.bfloat16))
+    assert float_masters(handle)[name].dtype == torch.float32
+    for edit in reversed(edits):
+        edit.revert(handle)
+    assert_params_equal(handle, before)
+    assert float_masters(handle) == {}
+    with pytest.warns(UserWarning, match="below"):
+        for edit in edits:  # apply / revert / apply: the very same weights again
+            edit.apply(handle)
+    assert torch.equal(param, after_three)
+    for edit in reversed(edits):
+        edit.revert(handle)
+    assert_params_equal(handle, before)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bf16_stacks_of_edits_revert_bit_for_bit_and_reapply_identically(family):
+    handle = bf16_handle(family)
+    before = params_snapshot(handle)
+    edits = [random_delta(handle, layer=1, rank=2, scale=1e-3, seed=1),
+             random_delta(handle, layer=1, scale=1e-4, seed=2),
+             random_delta(handle, layer=2, rank=1, scale=0.05, seed=3),
+             random_delta(handle, layer=1, rank=3, seed=4)]
+    name = next(iter(edits[0].deltas))
+    session = EditSession(handle)
+    for edit in edits:
+        session.push(edit)
+    with session.active():
+        first = params_snapshot(handle)
+        # the weight is the float32 sum of the original and every delta, rounded once
+        expected = before[name].float()
+        for edit in edits:
+            if name in edit.deltas:
+                expected = expected + edit.deltas[name].materialise("cpu")
+        assert torch.equal(handle.parameter(name), expected.to(torch.bfloat16))
+        assert torch.equal(float_masters(handle)[name], expected)
+    assert_params_equal(handle, before)
+    assert float_masters(handle) == {}
+    with session.active():
+        assert all(torch.equal(p, first[n]) for n, p in handle.model.named_parameters())
+    assert_params_equal(handle, before)
+
+
+def test_bf16_weight_written_outside_the_edits_restarts_its_master():
+    handle = bf16_handle()
+    name, param = weight_in_one_to_two(handle)
+    original = param.detach().clone()
+    first, second = constant_delta(name, param.shape, 3 * BF16_STEP), constant_delta(name, param.shape, BF16_STEP)
+    first.apply(handle)
+    with torch.no_grad():
+        param.mul_(-1)  # not through an edit: the master no longer describes the weight
+    written = param.detach().clone()
+    second.apply(handle)
+    assert torch.equal(param, (written.float() + BF16_STEP).to(torch.bfloat16))
+    second.revert(handle)
+    assert torch.equal(param, written)
+    first.revert(handle)
+    assert torch.equal(param, original) and float_masters(handle) == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_full_precision_weights_add_deltas_in_their_own_precision(dtype):
+    handle = tiny_model("llama")
+    handle.model.to(dtype)
+    edit = random_delta(handle, rank=2, scale=1e-3)
+    name, delta = next(iter(edit.deltas.items()))
+    weight = handle.parameter(name).detach().clone()
+    edit.apply(handle)
+    assert torch.equal(handle.parameter(name), (weight + delta.materialise().to(dtype)).to(dtype))
+    assert float_masters(handle) == {}  # no master copies: the weight holds the sum itself
+    edit.revert(handle)
+    assert torch.equal(handle.parameter(name), weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_delta_is_applied_on_its_parameters_device(dtype):
+    """A delta stored on the CPU is moved to the weight's device (simulated with the ``meta``
+    device: mixing it with CPU tensors fails, as CPU with CUDA does)."""
+    handle = tiny_model("llama")
+    handle.model.to(dtype)
+    edit = random_delta(handle, layer=1, rank=2)
+    dense = random_delta(handle, layer=2, seed=5)
+    name = next(iter(edit.deltas))
+    handle.module(name.rsplit(".", 1)[0]).to("meta")  # that layer "lives on another device"
+    before = params_snapshot(handle)  # meta tensors compare by identity only: check the others
+    edit.apply(handle)
+    dense.apply(handle)
+    assert handle.parameter(name).is_meta and handle.parameter(name).dtype == dtype
+    dense.revert(handle)
+    edit.revert(handle)
+    assert float_masters(handle) == {}
+    for other, param in handle.model.named_parameters():
+        if not param.is_meta:
+            assert torch.equal(param, before[other]), other
+
+
+def test_materialise_on_a_device_is_float32_there():
+    low_rank = ParamDelta.low_rank(torch.ones(4, 2, dtype=torch.bfloat16), torch.ones(2, 3, dtype=torch.bfloat16))
+    dense = ParamDelta(dense=torch.ones(4, 3, dtype=torch.float64))
+    for delta in (low_rank, dense):
+        on_meta = delta.materialise("meta")
+        assert on_meta.is_meta and on_meta.dtype == torch.float32 and on_meta.shape == (4, 3)
+        assert torch.equal(delta.materialise("cpu"), torch.full((4, 3), 2.0 if delta is low_rank else 1.0))

@@ -103,6 +103,30 @@ def test_norm_bound_is_exact():
     assert_params_equal(handle, before)
 
 
+def test_ft_l_steps_below_bf16_resolution_add_up_in_a_bf16_model():
+    """FT-L's ε for GPT-J (5e-5) is below bfloat16's resolution of its ~0.02 weights: each Adam step
+    (about lr per weight) would be lost if it were taken in the weight's dtype. The delta is trained
+    in float32 and added to a float32 copy of the weight, so the steps add up and the edit shows."""
+    handle = tiny_model("llama")
+    handle.model.to(torch.bfloat16)
+    before = params_snapshot(handle)
+    lr, steps = 1e-5, 20
+    edit = get_method("FT-L").apply(handle, [REQ], {"norm_constraint": 1.0, "lr": lr, "steps": steps,
+                                                    "stop_loss": 0.0})
+    assert edit.info["steps_run"] == steps
+    (name, delta), = edit.deltas.items()
+    weight = before[name]
+    exponent = torch.frexp(weight.float()).exponent  # |w| in [2^(e-1), 2^e): bfloat16 spacing 2^(e-8) there
+    half_step = torch.ldexp(torch.ones_like(weight, dtype=torch.float32), exponent - 9)
+    assert float((half_step > lr).float().mean()) > 0.8  # one step alone would round away at most weights
+    assert float(delta.dense.abs().max()) > 5 * lr  # ... but the steps added up
+    applied = handle.parameter(name)
+    assert torch.equal(applied, (weight.float() + delta.dense).to(torch.bfloat16))  # rounded once
+    assert float((applied != weight).float().mean()) > 0.05
+    edit.revert(handle)
+    assert_params_equal(handle, before)
+
+
 def test_the_two_losses_read_different_positions():
     handle = tiny_model("gpt2")
     prompt = MULTI.text

@@ -10,10 +10,11 @@ import torch
 from editing.edit import EditError
 from editing.learned import default_edit_layers, evaluate_editor, gradient_factors, mlp_weight_names, target_batch
 from editing.methods import get_method
-from editing.methods.mend import GradientTransform, RunningMoments
+from editing.methods.mend import GradientTransform, RunningMoments, build_editor
 from editing.request import EditRequest
 from editing.scoring import score_targets, top_predictions
 from editing.session import EditSession
+from editing.tiny import tiny_model
 from editing.train import TRAINERS, edit_records, train_editor
 from tests.helpers import (
     assert_params_equal,
@@ -118,3 +119,44 @@ def test_mend_batch_edit_sums_the_per_request_updates(demo, mend_checkpoint):
     reliability = batch_reliability_summing_singles(demo, "MEND", {"checkpoint": mend_checkpoint})
     print("MEND batch-of-4 reliability:", reliability)
     assert reliability >= 0.8
+
+
+def test_mend_editor_is_built_on_the_requested_device_in_float32():
+    handle = tiny_model("llama")
+    handle.model.to(torch.bfloat16)
+    config = TRAINERS["MEND"].default_config(handle)
+    editor = build_editor(handle, config)  # the model's device by default
+    assert {(p.device, p.dtype) for p in editor.parameters()} == {(handle.device, torch.float32)}
+    assert {b.dtype for b in editor.buffers()} == {torch.float64}  # the running moments
+    elsewhere = build_editor(handle, config, device="meta")  # stands in for a GPU here
+    assert all(t.is_meta for t in [*elsewhere.parameters(), *elsewhere.buffers()])
+    assert {p.dtype for p in elsewhere.parameters()} == {torch.float32}
+    # seeded on the CPU before it is moved: the same initial editor on every device
+    again = build_editor(handle, config)
+    pairs = zip(editor.state_dict().values(), again.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_mend_trains_and_edits_a_bfloat16_model(family, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITSCOPE_EDITORS", str(tmp_path))
+    handle = tiny_model(family)
+    handle.model.to(torch.bfloat16)
+    folder, report = train_editor(handle, "MEND", TRAINERS["MEND"].quick)
+    assert report["history"] and all(v == v for entry in report["history"] for v in entry.values())  # no NaN
+    method, hparams = get_method("MEND"), {"checkpoint": str(folder)}
+    editor, _ = method.trained_editor(handle, hparams, lambda config: build_editor(handle, config))
+    assert {(p.device, p.dtype) for p in editor.parameters()} == {(handle.device, torch.float32)}
+    before = params_snapshot(handle)
+    edit = method.apply(handle, REQUESTS, hparams)
+    try:
+        changed = False
+        for name, delta in edit.deltas.items():
+            param = handle.parameter(name)
+            # the float32 update added to a float32 copy of the weight, rounded once
+            assert torch.equal(param, (before[name].float() + delta.materialise("cpu")).to(torch.bfloat16))
+            changed = changed or not torch.equal(param, before[name])
+        assert changed
+    finally:
+        edit.revert(handle)
+    assert_params_equal(handle, before)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -134,3 +136,37 @@ def test_bad_corpus_and_layer_are_reported(isolated_cache, tmp_path):
             stats.resolve_corpus("hf:wikitext:wikitext-2-raw-v1:train")
     with pytest.raises(ValueError, match=r"layers 0\.\.3"):
         stats.second_moments(tiny_model("gpt2"), [7], corpus="corpus", n_samples=2)
+
+
+def test_running_sums_stay_on_the_device_only_where_they_fit(monkeypatch):
+    """LLaMA-3-8B's d_ff = 14,336: one float64 d_ff² sum is 1.64 GB; 5 layers need 8.2 GB plus one
+    batch's float32 product (0.82 GB)."""
+    assert 8 * 14_336**2 == pytest.approx(1.64e9, rel=1e-2)
+    gpu = SimpleNamespace(device=torch.device("cuda", 0), d_ff=14_336)
+    monkeypatch.setattr(stats, "free_device_bytes", lambda _device: 60 * 10**9)  # 80 GB card, model loaded
+    assert stats.accumulation_device(gpu, 5) == torch.device("cuda", 0)
+    monkeypatch.setattr(stats, "free_device_bytes", lambda _device: 8 * 10**9)  # 24 GB card, model loaded
+    assert stats.accumulation_device(gpu, 5) == torch.device("cpu")
+    assert stats.accumulation_device(gpu, 1) == torch.device("cuda", 0)
+    assert stats.accumulation_device(SimpleNamespace(device=torch.device("cpu"), d_ff=14_336), 5).type == "cpu"
+    assert not stats.fits_on("mps", 8, torch.float64)  # MPS has no float64
+
+
+def test_sums_accumulate_the_same_wherever_they_are_kept(isolated_cache):
+    handle = tiny_model("llama")
+    here, n = stats.collect_second_moments(handle, [0, 2], TEXTS, batch_size=2)
+    on_cpu, n_cpu = stats.collect_second_moments(handle, [0, 2], TEXTS, batch_size=2, accumulate_on="cpu")
+    assert n == n_cpu and all(torch.equal(here[layer], on_cpu[layer]) for layer in (0, 2))
+    assert here[0].dtype == torch.float64
+    # adding a float32 product to a float64 sum in place widens it first, exactly
+    total, product = torch.randn(50, 50, dtype=torch.float64), torch.randn(50, 50)
+    assert torch.equal(total.clone().add_(product), total + product.to(torch.float64))
+
+
+def test_statistics_of_a_bfloat16_model(isolated_cache, corpus_file):
+    handle = tiny_model("llama")
+    full = stats.second_moment(handle, 1, corpus=corpus_file, n_samples=100, use_cache=False)
+    handle.model.to(torch.bfloat16)
+    half = stats.second_moment(handle, 1, corpus=corpus_file, n_samples=100, use_cache=False)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert float((half - full).norm() / full.norm()) < 0.05  # the keys themselves are bfloat16
