@@ -6,6 +6,7 @@
     python -m eval export RUN_ID results.json
     python -m eval delete RUN_ID
     python -m eval methods
+    python -m eval sweep --methods FT-L,ROME --grid "ROME:v_lr=0.1,0.5;layer=0,1" --slices 0:20,20:40
 """
 
 from __future__ import annotations
@@ -73,7 +74,52 @@ def _parser() -> argparse.ArgumentParser:
     delete = commands.add_parser("delete", parents=[common], help="delete a stored run")
     delete.add_argument("run_id", type=int)
     commands.add_parser("methods", parents=[common], help="list the editing methods")
+    _sweep_parser(commands, common)
     return parser
+
+
+def _non_negative(text: str) -> float:
+    """A number ≥ 0 (GPUs per worker may be a fraction: 0.5 puts two workers on one GPU)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def _sweep_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    from eval.sweep import GRID_SYNTAX  # a plain module: Ray itself is only imported when a sweep runs
+
+    sweep = commands.add_parser(
+        "sweep", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRID_SYNTAX,
+        help="run a grid of methods × hyper-parameters × data slices on Ray, into the run store",
+        description="Run every grid point as one stored run, on Ray workers that each load the model once. "
+                    "Points already stored as done are skipped; failed ones run again.")
+    sweep.add_argument("--model", default="demo", help="'demo', a local model folder or a cached Hugging Face id")
+    sweep.add_argument("--methods", default=None,
+                       help="comma-separated methods, e.g. FT-L,ROME (default: those given a --grid)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="METHOD:NAME=V1,V2;NAME=V1",
+                       help="a method's hyper-parameter values (repeat for several methods; see below)")
+    sweep.add_argument("--slices", default=None, metavar="START:STOP,...", help="slices of the cases (default: all)")
+    sweep.add_argument("--data", default="demo", help="data set file or 'demo' for the bundled fact base")
+    sweep.add_argument("--format", dest="fmt", default=None, help="data set format (default: detected)")
+    sweep.add_argument("--mode", choices=MODES, default="single")
+    sweep.add_argument("--batch-size", type=_at_least_one, default=1, help="edits per call in batch mode")
+    sweep.add_argument("--seed", type=int, default=0, help="seed of the demo cases")
+    sweep.add_argument("--device", default=None, help="each worker's device: cpu, cuda, mps (default: best available)")
+    sweep.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (GPU only)")
+    sweep.add_argument("--address", default=None,
+                       help="Ray cluster, e.g. ray://head:10001 (default: $RAY_ADDRESS, else a local cluster "
+                            "started with `ray start`, else a new local Ray instance)")
+    sweep.add_argument("--num-cpus", type=_at_least_one, default=None, help="CPUs of a new local Ray instance")
+    sweep.add_argument("--workers", type=_at_least_one, default=None,
+                       help="Ray actors, each with its own copy of the model (default: as many as the cluster holds)")
+    sweep.add_argument("--cpus-per-worker", type=_at_least_one, default=1,
+                       help="CPUs Ray reserves per worker; also its torch threads (default 1)")
+    sweep.add_argument("--gpus-per-worker", type=_non_negative, default=0.0, help="GPUs per worker (default 0)")
+    sweep.add_argument("--dry-run", action="store_true", help="check the grid and list its points; run nothing")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,4 +220,36 @@ def _methods(_args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "list": _list, "show": _show, "export": _export, "delete": _delete, "methods": _methods}
+def _sweep(args: argparse.Namespace) -> int:
+    from eval.sweep import SweepSettings, plan_sweep, run_sweep, stored_done
+
+    settings = SweepSettings(model=args.model, data=str(args.data), fmt=args.fmt, seed=args.seed, mode=args.mode,
+                             batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    plan = plan_sweep(settings, args.methods, args.grid, args.slices)  # refuses a bad grid before anything starts
+    store = RunStore(args.store)
+    if args.dry_run:
+        done = stored_done(plan, store)
+        for index, point in enumerate(plan.points):
+            print(f"{point.label}: " + (f"done (run {done[index]})" if index in done else "to run"))
+        print(f"{len(plan.points)} grid points: {len(done)} already done, {len(plan.points) - len(done)} to run.")
+        return 0
+    try:
+        report = run_sweep(plan, store, address=args.address, num_cpus=args.num_cpus, workers=args.workers,
+                           cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                           progress=lambda line: print(line, flush=True))
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the points finished so far are stored; run the same command to resume.", file=sys.stderr)
+        return 130
+    print(f"{report.count('done')} ran, {report.count('skipped')} skipped (already done), "
+          f"{len(report.failed)} failed; runs stored in {store.path}")
+    if report.failed:
+        print("re-run the same command to retry the failed points.", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = {"run": _run, "list": _list, "show": _show, "export": _export, "delete": _delete, "methods": _methods,
+            "sweep": _sweep}
