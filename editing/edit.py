@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
+from editing.files import atomic_path, atomic_write_text
 from editing.request import EditRequest
 
 if TYPE_CHECKING:
@@ -429,11 +430,10 @@ def save_edit(edit: Edit, path: str | Path) -> Path:
     meta = {"format": "editscope-edit/1", "type": type(edit).__name__, "kind": edit.kind,
             "common": _common_fields(edit), "config": edit.config()}
     tensors = {k: v.detach().cpu().contiguous() for k, v in edit.tensors().items()}
-    json_tmp, st_tmp = base.with_suffix(".json.tmp"), base.with_suffix(".safetensors.tmp")
-    json_tmp.write_text(json.dumps(meta, indent=1, default=_json_default))
-    save_file(tensors, str(st_tmp))
-    st_tmp.replace(base.with_suffix(".safetensors"))
-    json_tmp.replace(base.with_suffix(".json"))
+    # The tensors land first: a reader that finds the JSON finds its tensors complete.
+    with atomic_path(base.with_suffix(".safetensors")) as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_text(base.with_suffix(".json"), json.dumps(meta, indent=1, default=_json_default))
     return base.with_suffix(".json")
 
 

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from editing.files import atomic_write_bytes
+from editing.files import atomic_path, atomic_write_bytes
 from editing.paths import DATA_DIR, cache_dir
 
 MIB = 1024 * 1024
@@ -329,16 +329,9 @@ def pack_edit_stack(folder: str | Path, archive: str | Path) -> Path:
     manifest = json.loads((folder / "session.json").read_text(encoding="utf-8"))
     archive = Path(archive)
     archive.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=archive.parent, prefix=f".{archive.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            zf.write(folder / "session.json", "session.json")
-            for name in manifest.get("edits", []):
-                for suffix in EDIT_STACK_SUFFIXES:
-                    zf.write(folder / f"{name}{suffix}", f"{name}{suffix}")
-        os.replace(tmp, archive)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(archive) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(folder / "session.json", "session.json")
+        for name in manifest.get("edits", []):
+            for suffix in EDIT_STACK_SUFFIXES:
+                zf.write(folder / f"{name}{suffix}", f"{name}{suffix}")
     return archive

@@ -80,6 +80,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from editing.factbase import CORPUS_PATH, load_corpus, load_factbase
+from editing.files import atomic_path
 from editing.hooks import capture, forward_until
 from editing.paths import cache_dir
 from editing.tokens import encode, pad_batch, pad_id
@@ -417,11 +418,10 @@ def second_moments(handle: ModelHandle, layers: Sequence[int], corpus: str | Pat
             result[layer] = moment
             if use_cache:
                 path = paths[layer]
-                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-                save_file({"moment": moment.contiguous()}, str(tmp),
-                          metadata={"n_tokens": str(n_tokens), "n_texts": str(len(source.texts)),
-                                    "corpus": source.id, "model": handle.name, "layer": str(layer)})
-                tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+                with atomic_path(path) as tmp:  # a concurrent reader never sees half a file
+                    save_file({"moment": moment.contiguous()}, str(tmp),
+                              metadata={"n_tokens": str(n_tokens), "n_texts": str(len(source.texts)),
+                                        "corpus": source.id, "model": handle.name, "layer": str(layer)})
                 _remember(str(path), moment)
     elif progress is not None:
         progress(1.0, "second-moment statistics: cached")
