@@ -1,7 +1,7 @@
 """The benchmark: what editing and evaluating cost, per method and model.
 
 ``python -m eval.bench [--quick] [--methods ROME,MEMIT] [--models demo,tiny] [--out DIR]
-[--skip-server] [--train] [--device cpu|cuda] [--markdown PATH]``
+[--skip-server] [--train] [--device cpu|cuda] [--markdown PATH] [--sequential-long N]``
 
 For every registered method (methods that are not ready, e.g. untrained editors, are skipped
 with the reason, or trained first with ``--train``) on the demo model and on a tiny random model
@@ -16,6 +16,12 @@ of each supported architecture it measures:
 * **batch scaling** — one edit of 1, 10, 100 and 1000 requests for the batch editors (MEMIT,
   AlphaEdit), 1 and 10 for the others;
 * **sequential scaling** — the cost of the k-th of n edits applied one after another;
+* **a long sequential run** (``--sequential-long N``, off unless asked for: 1,000 ROME edits take
+  about half an hour on a 2-core CPU) — N ROME edits into one session, each step editing and then
+  entering the session again to judge the new edit, as ``eval.runs`` does: the time of a step
+  around step 10 against the last steps (the ratio shows whether a step's cost grows with the
+  number of edits), the part of it outside ROME's own computation, the process's peak memory, and
+  re-applying the final stack through the session's cache against applying it edit by edit;
 * **time to first result** — from starting ``streamlit run app.py`` to the Playground showing an
   edit's result, driven by Playwright in a headless Chromium;
 * the **performance targets** of the issue, each with its measured value and its ratio to the
@@ -96,6 +102,8 @@ class BenchConfig:
     quick: bool = False
     #: pretrained models whose ROME edit cost (first, later, peak memory, arithmetic floor) is measured
     real_models: tuple[str, ...] = ()
+    #: length of the long sequential ROME run on the demo model (0: not run; it takes minutes)
+    n_sequential_long: int = 0
 
 
 def quick_config(**changes: Any) -> BenchConfig:
@@ -145,6 +153,32 @@ class ScalingRow:
 
 
 @dataclass
+class SequentialLongRow:
+    """A long sequential run (:func:`bench_sequential_long`): does a step's cost grow with n?"""
+
+    model: str
+    method: str
+    n: int
+    status: str
+    reason: str = ""
+    early_steps: str = ""  # the steps the early figures are the median of, e.g. "6-15"
+    late_steps: str = ""
+    early_step_s: float = math.nan  # one step: the edit, then entering the session again to judge it
+    late_step_s: float = math.nan
+    ratio: float = math.nan  # late / early: 1 when a step's cost does not grow with the number of edits
+    early_overhead_s: float = math.nan  # the step's time outside the method's own computation
+    late_overhead_s: float = math.nan
+    overhead_ratio: float = math.nan
+    total_s: float = math.nan
+    peak_memory_bytes: int = 0  # over the whole run, above the level at its start
+    memory_kind: str = ""
+    restack_cached_s: float = math.nan  # entering and leaving the session with all n edits, through the cache
+    restack_plain_s: float = math.nan  # the same, applying and reverting the edits one by one
+    restack_plain_peak_bytes: int = 0
+    bit_identical: bool = False  # the model's weights after the run are the original ones, bit for bit
+
+
+@dataclass
 class TargetRow:
     target: str
     description: str
@@ -167,6 +201,8 @@ class BenchResults:
     server: dict[str, Any] = field(default_factory=dict)
     measured: dict[str, float] = field(default_factory=dict)  # raw figures for the targets
     real_costs: list[EditCost] = field(default_factory=list)  # eval.realcost, one per real model
+    sequential_long: list[SequentialLongRow] = field(default_factory=list)
+    sequential_long_steps: list[dict[str, Any]] = field(default_factory=list)  # one row per step
 
     def frames(self) -> dict[str, pd.DataFrame]:
         return {
@@ -175,6 +211,11 @@ class BenchResults:
             "targets": pd.DataFrame([asdict(r) for r in self.targets], columns=_columns(TargetRow)),
             "server": pd.DataFrame([self.server]) if self.server else pd.DataFrame(columns=["status"]),
             "real_cost": pd.DataFrame([c.as_dict() for c in self.real_costs]),
+            "sequential_long": pd.DataFrame([asdict(r) for r in self.sequential_long],
+                                            columns=_columns(SequentialLongRow)),
+            "sequential_long_steps": pd.DataFrame(self.sequential_long_steps,
+                                                  columns=["model", "method", "step", "step_s", "step_cpu_s",
+                                                           "edit_s", "overhead_s", "rss_bytes"]),
         }
 
 
@@ -402,6 +443,99 @@ def bench_sequential(handle: ModelHandle, model: str, method: str, requests: Seq
     return rows
 
 
+def _window(steps: list[dict[str, Any]], start: int, stop: int, key: str) -> float:
+    """Median of ``key`` over steps ``start..stop`` (1-based, inclusive)."""
+    values = [row[key] for row in steps if start <= row["step"] <= stop]
+    return statistics.median(values) if values else math.nan
+
+
+def bench_sequential_long(handle: ModelHandle, model: str, n: int, method: str = "ROME", seed: int = 0,
+                          log: Log = _print, early: int = 10, window: int = 10,
+                          hparams: dict[str, Any] | None = None) -> tuple[SequentialLongRow, list[dict[str, Any]]]:
+    """``n`` edits one after another into one session, as a sequential run does them: each step edits,
+    then enters the session again to judge the new edit (one probe, so judging costs the same at every
+    step; judging every edit so far, as ``eval.runs`` does, grows with n by definition).
+
+    Returns the summary — median step time around step ``early`` and over the last ``window`` steps,
+    their ratio, the same for the time outside the method's own computation, peak memory over the run,
+    and the final stack re-applied through the cache and edit by edit — and one row per step.
+    """
+    from editing.measure import current_rss_bytes, measure
+    from eval.evaluate import predict
+    from eval.probes import Probe
+
+    row = SequentialLongRow(model=model, method=method, n=n, status="ok")
+    try:
+        requests = request_pool(n, seed)
+    except ValueError as err:  # more edits asked for than the fact base holds
+        row.status, row.reason = "error", _reason(err)
+        log(f"  {method} sequential-long: {row.reason}")
+        return row, []
+    judge = [Probe(id=f"step{i}", prompt=r.text, answer=r.target_new, kind="reliability")
+             for i, r in enumerate(requests)]
+    original = {name: p.detach().clone() for name, p in handle.model.named_parameters()}
+    steps: list[dict[str, Any]] = []
+    session = EditSession(handle)
+    every = max(1, n // 20)
+    started = time.perf_counter()
+    try:
+        with session.stack_cache():
+            with measure(handle.device) as cost:
+                for step, (request, probe) in enumerate(zip(requests, judge, strict=True), start=1):
+                    def one_step(request: EditRequest = request, probe: Any = probe) -> Any:
+                        edit = session.apply(method, request, hparams or None)
+                        predict(session, [probe], k=0)
+                        return edit
+
+                    edit, wall, cpu = _timed(one_step)
+                    steps.append({"model": model, "method": method, "step": step, "step_s": wall, "step_cpu_s": cpu,
+                                  "edit_s": edit.stats.wall_time_s, "overhead_s": wall - edit.stats.wall_time_s,
+                                  "rss_bytes": current_rss_bytes()})  # flat when memory does not grow with n
+                    if step % every == 0 or step == n:
+                        log(f"  {method} sequential-long: step {step}/{n}, {wall:.2f} s this step "
+                            f"({wall - edit.stats.wall_time_s:.3f} s outside the edit), "
+                            f"{time.perf_counter() - started:.0f} s so far")
+            row.peak_memory_bytes, row.memory_kind = cost.peak_memory_bytes, cost.memory_kind
+            row.total_s = time.perf_counter() - started
+
+            def enter(s: EditSession) -> None:
+                with s.active():
+                    pass
+
+            enter(session)  # warm: the last step's edit joins the cache
+            row.restack_cached_s = statistics.median(_timed(lambda: enter(session))[1] for _ in range(3))
+            plain = EditSession(handle)
+            for edit in session.edits:
+                plain.push(edit)
+            with measure(handle.device) as plain_cost:
+                _, row.restack_plain_s, _ = _timed(lambda: enter(plain))
+            row.restack_plain_peak_bytes = plain_cost.peak_memory_bytes
+    except Exception as err:
+        row.status, row.reason = ("oom" if _is_oom(err) else "error"), _reason(err)
+    finally:
+        session.clear()
+    row.bit_identical = all(torch.equal(p, original[name]) for name, p in handle.model.named_parameters())
+    if steps:
+        last = steps[-1]["step"]
+        hi = min(last, early + window // 2)  # steps 6-15 for early=10: past the cold first edit
+        lo = max(1, min(early - window // 2 + 1, hi - window + 1))
+        late_lo = max(hi + 1, last - window + 1) if last > hi else lo
+        row.early_steps, row.late_steps = f"{lo}-{hi}", f"{late_lo}-{last}"
+        row.early_step_s, row.late_step_s = _window(steps, lo, hi, "step_s"), _window(steps, late_lo, last, "step_s")
+        row.early_overhead_s = _window(steps, lo, hi, "overhead_s")
+        row.late_overhead_s = _window(steps, late_lo, last, "overhead_s")
+        row.ratio = row.late_step_s / row.early_step_s if row.early_step_s > 0 else math.nan
+        row.overhead_ratio = row.late_overhead_s / row.early_overhead_s if row.early_overhead_s > 0 else math.nan
+    log(f"  {method} sequential-long ({n} edits): " + (
+        f"step {row.early_steps} {row.early_step_s:.3f} s, step {row.late_steps} {row.late_step_s:.3f} s "
+        f"(ratio {row.ratio:.2f}; outside the edit {row.early_overhead_s:.4f} → {row.late_overhead_s:.4f} s), "
+        f"peak {_mib(row.peak_memory_bytes)} {row.memory_kind}; re-applying all {n}: cached "
+        f"{row.restack_cached_s * 1e3:.2f} ms, one by one {row.restack_plain_s * 1e3:.1f} ms; "
+        f"weights restored bit for bit: {row.bit_identical}"
+        if row.status == "ok" else f"{row.status}: {row.reason}"))
+    return row, steps
+
+
 def bench_eval_before_after(handle: ModelHandle, method: str, request: EditRequest, n_probes: int,
                             seed: int = 0) -> tuple[float, float]:
     """Wall and CPU seconds to answer ``n_probes`` probes before and after an edit (the edit itself
@@ -594,6 +728,8 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> BenchResults:
                 results.scaling.extend(bench_sequential(handle, label, method, pool[: config.n_sequential], log))
         if is_demo:
             _measure_targets(results, handle, label, methods, config, log)
+        if is_demo and config.n_sequential_long:
+            _sequential_long(results, handle, label, config, log)
     if config.server and "demo" in config.models:
         log("\n== time to first result in the Playground")
         results.server = bench_time_to_first_result(config.server_timeout_s)
@@ -606,6 +742,21 @@ def run_benchmark(config: BenchConfig, log: Log = _print) -> BenchResults:
         log(cost_markdown(results.real_costs[-1]))
     results.targets = evaluate_targets(results, config)
     return results
+
+
+def _sequential_long(results: BenchResults, handle: ModelHandle, label: str, config: BenchConfig, log: Log) -> None:
+    """The long sequential ROME run on the demo model (``--sequential-long N``)."""
+    n = config.n_sequential_long
+    log(f"\n== {n} sequential ROME edits on {label} (a step's cost against the number of edits)")
+    problem = get_method("ROME").readiness(handle) if "ROME" in available_methods() else "ROME is not registered"
+    if problem is not None:
+        results.sequential_long.append(SequentialLongRow(model=label, method="ROME", n=n, status="skipped",
+                                                         reason=problem))
+        log(f"  skipped — {problem}")
+        return
+    row, steps = bench_sequential_long(handle, label, n, "ROME", seed=config.seed, log=log)
+    results.sequential_long.append(row)
+    results.sequential_long_steps.extend(steps)
 
 
 def _measure_targets(results: BenchResults, handle: ModelHandle, label: str, methods: list[str],
@@ -726,6 +877,24 @@ def markdown_report(results: BenchResults) -> str:
                 else:
                     cells.append(f"{cell.wall_s:.2f} ({cell.peak_memory_bytes / 2 ** 20:.0f})")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for r in results.sequential_long:
+        lines += ["", f"### Long sequential run — {r.n} {r.method} edits, {r.model} model", ""]
+        if r.status != "ok":
+            lines.append(f"Not measured ({r.status}: {r.reason}).")
+            continue
+        lines += ["Each step edits, then enters the session again to judge the new edit (as a sequential run "
+                  "does; judging every edit so far is left out, it grows with n by definition).", "",
+                  "| | early steps | late steps | late / early |", "|---|---|---|---|",
+                  f"| steps | {r.early_steps} | {r.late_steps} | |",
+                  f"| time per step (median, s) | {_fmt(r.early_step_s)} | {_fmt(r.late_step_s)} | "
+                  f"{_fmt(r.ratio, 2)} |",
+                  f"| of which outside {r.method}'s computation (s) | {_fmt(r.early_overhead_s, 4)} | "
+                  f"{_fmt(r.late_overhead_s, 4)} | {_fmt(r.overhead_ratio, 2)} |", "",
+                  f"Whole run: {_fmt(r.total_s, 0)} s; peak memory {_fmt(r.peak_memory_bytes / 2 ** 20, 1)} MiB "
+                  f"({r.memory_kind} growth over the run). Entering and leaving the session with all {r.n} edits: "
+                  f"{_fmt(r.restack_cached_s * 1e3, 2)} ms through the cache, {_fmt(r.restack_plain_s * 1e3, 1)} ms "
+                  f"applying and reverting them one by one (peak {_fmt(r.restack_plain_peak_bytes / 2 ** 20, 1)} MiB). "
+                  f"Weights after the run identical to the original: {'yes' if r.bit_identical else 'NO'}."]
     for cost in results.real_costs:
         lines += ["", f"### ROME edit cost on a real model — {cost_markdown(cost)}"]
     server = results.server
@@ -864,6 +1033,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Pa
     parser.add_argument("--batch-sizes", type=lambda s: tuple(int(x) for x in _csv(s)), default=None,
                         help=f"batch sizes for {', '.join(BATCH_METHODS)} (default 1,10,100,1000)")
     parser.add_argument("--sequential", type=int, default=None, help="length of the sequential-editing run")
+    parser.add_argument("--sequential-long", type=int, default=None, metavar="N",
+                        help="also time N sequential ROME edits on the demo model, a step's cost against the "
+                             "number of edits (default: not run; 1000 takes about half an hour on a 2-core CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--real", type=_csv, default=(),
                         help="pretrained models (e.g. smollm2-135m) whose ROME edit cost, peak memory and "
@@ -878,6 +1050,10 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Pa
         changes["batch_sizes"] = args.batch_sizes
     if args.sequential is not None:
         changes["n_sequential"] = args.sequential
+    if args.sequential_long is not None:
+        if args.sequential_long < 0:
+            parser.error("--sequential-long takes a number of edits of at least 0")
+        changes["n_sequential_long"] = args.sequential_long
     config = quick_config(**changes) if args.quick else BenchConfig(**changes)
     return config, args.out, args.markdown
 

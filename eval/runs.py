@@ -10,6 +10,12 @@
 Every step is written to the :class:`~eval.store.RunStore` as it finishes (when one is given), so
 a crashed or cancelled run keeps what it computed. The shared model never keeps an edit: every
 edit lives in a run-local :class:`~editing.session.EditSession`.
+
+A sequential run holds its session's :meth:`~editing.session.EditSession.stack_cache`, so
+re-applying the stack for each step's edit and judgement is constant tensor work, not one apply
+per edit so far; the stack is still reverted (bit for bit) and the model's lock released after
+each of them, so an interactive edit waits for at most one step. Judging every edit so far at each
+step is O(n) by definition of the mode.
 """
 
 from __future__ import annotations
@@ -183,8 +189,12 @@ class _Run:
     # -- sequential ----------------------------------------------------------------------------
     def sequential(self, first_k: int, kinds: tuple[str, ...]) -> None:
         session = EditSession(self.handle)
-        total = len(self.cases)
         per_case = [ProbeSet(s.requests, [p for p in s.probes if p.kind in kinds]) for s in self.probesets]
+        with session.stack_cache():  # step n re-applies the stack in constant time (module docstring)
+            self._sequential(session, per_case, first_k)
+
+    def _sequential(self, session: EditSession, per_case: list[ProbeSet], first_k: int) -> None:
+        total = len(self.cases)
         try:
             self.progress(0.0, "predicting before any edit")
             flat = [p for s in per_case for p in s.probes]

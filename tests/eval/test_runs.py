@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pandas as pd
@@ -134,3 +135,70 @@ def test_bad_arguments(demo, rank_one_method, cases):
         run_experiment(demo, "NoSuchMethod", cases)
     with pytest.raises(ValueError, match="No cases"):
         run_experiment(demo, rank_one_method, [])
+
+
+@pytest.fixture(scope="module")
+def twelve_cases():
+    return load_dataset("demo", limit=12)
+
+
+def test_sequential_steps_do_constant_tensor_work_and_match_the_plain_path(demo, rank_one_method, twelve_cases,
+                                                                           monkeypatch):
+    """Each step of a sequential run applies two weight deltas (the new edit, then again for the
+    judging) whatever the number of edits so far; the cached stack answers as the plain path does."""
+    from editing.edit import WeightDelta
+    from editing.session import EditSession
+
+    applies: list[int] = [0]
+    per_step: list[int] = []
+    real = WeightDelta._apply
+
+    def counting(self, handle):
+        applies[0] += 1
+        return real(self, handle)
+
+    def progress(_fraction: float, message: str) -> None:
+        if "judged" in message:  # a step has finished
+            per_step.append(applies[0] - sum(per_step))
+
+    monkeypatch.setattr(WeightDelta, "_apply", counting)
+    cached = run_experiment(demo, rank_one_method, twelve_cases, mode="sequential", progress=progress)
+    assert per_step == [2] * 12
+    # the plain path (no cache): the same answers, bit for bit, at 2n applies per step
+    per_step.clear()
+    applies[0] = 0
+    monkeypatch.setattr(EditSession, "stack_cache", lambda self: contextlib.nullcontext(self))
+    plain = run_experiment(demo, rank_one_method, twelve_cases, mode="sequential", progress=progress)
+    assert per_step == [2 * n for n in range(1, 13)]
+    columns = ["step", "probe_id", "pred_after", "prob_after", "acc_after"]
+    pd.testing.assert_frame_equal(cached.probes[columns], plain.probes[columns])
+
+
+def test_a_run_cancelled_or_interrupted_mid_way_leaves_the_model_bit_identical(demo, rank_one_method, twelve_cases,
+                                                                              tmp_path):
+    from tests.helpers import assert_params_equal, params_snapshot
+
+    before = params_snapshot(demo)
+    store = RunStore(tmp_path / "runs.sqlite")
+    cancel = threading.Event()
+
+    def cancel_after_six(_fraction: float, message: str) -> None:
+        if message.startswith("edit 6/12: judged"):
+            cancel.set()
+
+    result = run_experiment(demo, rank_one_method, twelve_cases, mode="sequential", store=store, cancel=cancel,
+                            progress=cancel_after_six)
+    assert result.cancelled and len(result.summary) == 6
+    assert_params_equal(demo, before) and not handle_stack(demo)
+
+    def interrupt_inside_step_nine(_fraction: float, message: str) -> None:
+        if message.startswith("edit 9/12") and "closed-form" in message:  # inside the method, stack applied
+            assert len(handle_stack(demo)) == 8  # the edits so far, from the cache
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(demo, rank_one_method, twelve_cases, mode="sequential", store=store,
+                       progress=interrupt_inside_step_nine)
+    assert_params_equal(demo, before) and not handle_stack(demo)
+    runs = store.list_runs().set_index("run_id")
+    assert sorted(runs["status"]) == ["cancelled", "interrupted"]

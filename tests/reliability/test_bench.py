@@ -116,3 +116,34 @@ def test_time_to_first_result_and_first_scope_map_in_a_real_browser():
     assert 0 < server["scope_map_s"] and server["first_result_s"] < server["scope_map_after_start_s"]
     results = bench.BenchResults(machine=bench.machine_info(torch.device("cpu")), config={}, server=server)
     assert "Scope map's first render" in bench.markdown_report(results)
+
+
+def test_the_long_sequential_run_is_opt_in_and_reports_the_step_cost_ratio(tmp_path):
+    config, _, _ = bench.config_from_args(["--sequential-long", "1000", "--skip-server"])
+    assert config.n_sequential_long == 1000
+    assert bench.config_from_args([])[0].n_sequential_long == 0  # off by default: 1000 edits take minutes
+    assert bench.config_from_args(["--quick"])[0].n_sequential_long == 0
+    with pytest.raises(SystemExit):
+        bench.config_from_args(["--sequential-long", "-1"])
+    method = _fast_ready_method()
+    if method is None:
+        pytest.skip("no method registered and ready on a tiny model")
+    handle = tiny_model("gpt2")
+    log: list[str] = []
+    row, steps = bench.bench_sequential_long(handle, "tiny-gpt2", 24, method, log=log.append, early=4, window=4)
+    assert row.status == "ok", row.reason
+    assert [s["step"] for s in steps] == list(range(1, 25)) and all(s["step_s"] >= s["edit_s"] > 0 for s in steps)
+    assert (row.early_steps, row.late_steps) == ("3-6", "21-24")
+    assert row.ratio == pytest.approx(row.late_step_s / row.early_step_s) and row.ratio > 0
+    assert row.restack_cached_s > 0 and row.restack_plain_s > 0
+    assert row.bit_identical and row.memory_kind in ("rss", "cuda")
+    assert any("step 24/24" in line for line in log)
+    results = bench.BenchResults(machine=bench.machine_info(torch.device("cpu")), config={})
+    results.sequential_long.append(row)
+    results.sequential_long_steps.extend(steps)
+    written = bench.write_results(results, tmp_path)
+    assert len(pd.read_csv(written["sequential_long_steps"])) == 24
+    assert pd.read_csv(written["sequential_long"]).loc[0, "ratio"] == pytest.approx(row.ratio)
+    markdown = written["markdown"].read_text()
+    assert f"### Long sequential run — 24 {method} edits, tiny-gpt2 model" in markdown
+    assert "| time per step (median, s) |" in markdown and "identical to the original: yes" in markdown
