@@ -38,6 +38,7 @@ from torch import nn
 
 from editing.edit import EditError, ParamDelta
 from editing.files import atomic_path, atomic_write_text
+from editing.patching import in_training_memory
 from editing.scoring import check_length, score_targets
 from editing.tokens import encode, pad_batch, pad_id, target_ids
 from editing.train import checkpoint_config, checkpoint_problem, trained_checkpoint, training_records
@@ -348,19 +349,24 @@ def neighbour_facts(records: Sequence[EditRecord], per_record: int,
     template (so of the same relation: CounterFact's "neighbourhood"), as (prompt, true answer).
 
     They are taken from ``pool`` (default: ``records``) in order, starting after the record
-    itself, so the choice is deterministic. An edit should leave them alone; random unrelated
-    facts alone do not teach an editor that (MEND then moved "The capital of Spain is" along with
-    an edit of France's capital).
+    itself (records outside the pool start one fact further than the previous such record of
+    their template), so the choice is deterministic. An edit should leave them alone; random
+    unrelated facts alone do not teach an editor that (MEND then moved "The capital of Spain is"
+    along with an edit of France's capital). Training passes the training memory as ``pool``.
     """
     pool = records if pool is None else pool
     by_template: dict[str, list[EditRecord]] = {}
     for record in pool:
         if record.request.target_true:
             by_template.setdefault(record.request.prompt, []).append(record)
+    outside_pool: dict[str, int] = {}  # records of each template seen that are not in the pool
     out = []
     for record in records:
         group = by_template.get(record.request.prompt, [])
-        start = next((i + 1 for i, other in enumerate(group) if other is record), 0)
+        start = next((i + 1 for i, other in enumerate(group) if other is record), None)
+        if start is None:  # spread such records over the group instead of all taking its first facts
+            start = outside_pool.get(record.request.prompt, 0)
+            outside_pool[record.request.prompt] = start + 1
         chosen: list[tuple[str, str]] = []
         for offset in range(len(group)):
             other = group[(start + offset) % len(group)].request
@@ -559,7 +565,10 @@ def train_gradient_editor(handle: ModelHandle, method: EditMethod, editor: nn.Mo
     ``objective``, a finite-loss guard and gradient clipping, the resumable :func:`train_loop`;
     then the editor's figures on held-out records (the report)."""
     records = training_records(config, "train")
-    neighbours = neighbour_facts(records, config["n_neighbours"])
+    # Neighbours are kept unchanged by the locality term: only those of the training memory, as
+    # the records' own locality facts (editing.train.edit_records), never facts evaluation probes.
+    memory = [r for r in records if in_training_memory(r.request.subject)]
+    neighbours = neighbour_facts(records, config["n_neighbours"], pool=memory)
 
     def step(index: int) -> dict[str, float]:
         indices = batch_indices(len(records), config["batch_size"], config["seed"], index)

@@ -26,6 +26,7 @@ import torch
 
 from editing.factbase import FactBase, load_factbase
 from editing.files import atomic_write_text
+from editing.patching import in_training_memory
 from editing.paths import cache_dir
 from editing.request import EditRequest
 
@@ -53,6 +54,12 @@ def edit_records(split: str = "train", factbase: FactBase | None = None, seed: i
     Facts are split by subject (every 5th subject is held out), so ``heldout`` records are
     edits of subjects whose edits the editor never saw in training. The new target is another
     object of the same relation; paraphrases fill the relation's other templates.
+
+    Locality facts follow the fact base's split between training memory and probes
+    (:func:`editing.patching.in_training_memory`): those of ``train`` records are about
+    memory-side subjects of the training split, those of ``heldout`` records about probe-side
+    subjects, where :mod:`eval.probes` draws neighbours and unrelated facts. So no editor is
+    trained to keep a fact that any evaluation probes, nor any fact of a held-out subject.
     """
     if split not in ("train", "heldout"):
         raise ValueError("split must be 'train' or 'heldout'.")
@@ -65,6 +72,10 @@ def _edit_records(split: str, factbase: FactBase, seed: int, n_locality: int) ->
     rng = random.Random(seed)
     subjects = factbase.subjects
     heldout_subjects = set(subjects[4::5])
+    if split == "train":
+        kept_facts = [f for f in factbase.facts if f.subject not in heldout_subjects and in_training_memory(f.subject)]
+    else:
+        kept_facts = [f for f in factbase.facts if not in_training_memory(f.subject)]
     records = []
     for fact in factbase.facts:
         if (fact.subject in heldout_subjects) != (split == "heldout"):
@@ -78,9 +89,14 @@ def _edit_records(split: str, factbase: FactBase, seed: int, n_locality: int) ->
         prompt = templates[rng.randrange(len(templates))]
         para_templates = relation.heldout_templates if split == "heldout" else \
             tuple(t for t in templates if t != prompt)[:3]
-        others = [f for f in factbase.facts if f.subject != fact.subject]
+        # Drawn only so that every record's new target and prompt stay what they were before the
+        # locality facts followed the memory split: the held-out records are evaluation cases
+        # (``eval run --data demo``) whose figures are compared across versions.
+        rng.sample(range(len(factbase.facts) - len(factbase.facts_about(fact.subject))), n_locality)
+        others = [f for f in kept_facts if f.subject != fact.subject]
+        local_rng = random.Random(f"{seed}|locality|{fact.subject}|{fact.relation}")
         locality = []
-        for other in rng.sample(others, n_locality):
+        for other in local_rng.sample(others, min(n_locality, len(others))):
             other_template = factbase.relations[other.relation].train_templates[0]
             locality.append((other_template.replace("{}", other.subject), other.object))
         records.append(EditRecord(
@@ -161,9 +177,16 @@ def register_trainer(trainer: Trainer) -> Trainer:
 EDITORS_ENV = "EDITSCOPE_EDITORS"
 
 
+#: version of what editors train on beyond their config (:func:`edit_records`, the memory split):
+#: part of every checkpoint's key, so editors trained on older data are not taken for the default.
+#: 2: locality facts, SERAC's records and MEND's and KE's neighbours only from the training memory
+RECORDS_VERSION = 2
+
+
 def checkpoint_dir(handle: ModelHandle, method: str, config: dict[str, Any]) -> Path:
-    """Cache folder of ``method``'s editor for this model and config (and data file contents)."""
-    parts: list[Any] = [handle.fingerprint(), method, config]
+    """Cache folder of ``method``'s editor for this model and config (and data file contents,
+    and :data:`RECORDS_VERSION`)."""
+    parts: list[Any] = [handle.fingerprint(), method, config, RECORDS_VERSION]
     data = config.get("data")
     if data and Path(data).is_file():  # a changed data file must not find the old editor
         parts.append(hashlib.sha256(Path(data).read_bytes()).hexdigest())
@@ -186,7 +209,7 @@ REPORT_FILE = "report.json"
 def save_editor_meta(folder: Path, handle: ModelHandle, method: str, config: dict[str, Any]) -> None:
     """Record which model, method and config a checkpoint folder belongs to (checked before use)."""
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"method": method, "model": handle.fingerprint(), "config": config}
+    meta = {"method": method, "model": handle.fingerprint(), "config": config, "records": RECORDS_VERSION}
     atomic_write_text(folder / EDITOR_META, json.dumps(meta, indent=1, sort_keys=True, default=str))
 
 

@@ -6,7 +6,9 @@ in-scope probability exceeds 0.5, a *counterfactual model* answers the query con
 edit ("<edit statement> <query>"); otherwise the unchanged base model answers.
 
 The learned parts are trained once per base model by ``python -m editing.train SERAC --model demo``
-on counterfactual edit records built from the bundled fact base (:func:`editing.train.edit_records`):
+on counterfactual edit records built from the bundled fact base (:func:`editing.train.edit_records`),
+only those about training-memory subjects (:func:`training_records`), so no fact it learns to route
+is about a subject that a neighbour or unrelated probe of an evaluated edit asks about:
 
 * scope classifier — the paper's embedding variant: similarity ``exp(-s·‖P e − P q‖²)`` between
   the edit's input text ``e`` and the query ``q``, trained with binary cross-entropy on positives
@@ -18,10 +20,12 @@ on counterfactual edit records built from the bundled fact base (:func:`editing.
   ``"{edit prompt} {new target} . {query}" → new target`` on in-scope queries, as in the paper
   (which uses a separate, smaller model; here the copy keeps the base tokenizer so no vocabulary
   translation is needed, at the cost of a second model of the base model's size in memory).
-  Addition: each training edit is also shown with 3 other new targets of its relation, so the
+  Addition: each training edit is also shown with 7 other new targets of its relation, so the
   model must read the target from its context instead of memorising the training edits (on the
-  demo model, together with a learning rate of 1e-3 instead of 3e-4, this lifts the counterfactual
-  model's held-out accuracy from 85% to 95% on edit prompts and from 86% to 92% on paraphrases).
+  demo model, 3 others together with a learning rate of 1e-3 instead of 3e-4 lifted the
+  counterfactual model's held-out accuracy from 85% to 95% on edit prompts and from 86% to 92% on
+  paraphrases; with half the records, the memory side only, 7 instead of 3 lift its held-out
+  paraphrase accuracy from 0.91 to 0.93, and 15 no further).
 
 Stacked SERAC edits share one memory in effect: an edit's :meth:`SeracEdit.route` keeps the
 previous SERAC route when its classifier score is higher, so a query is answered with the best
@@ -51,7 +55,7 @@ from editing.files import atomic_path, atomic_write_text
 from editing.learned import TrainedEditorMixin
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.methods.checks import CHECKPOINT, FieldCheck, Number
-from editing.patching import relation_of
+from editing.patching import in_training_memory, relation_of
 from editing.request import EditRequest
 from editing.scoring import score_targets
 from editing.tokens import encode, pad_batch, pad_id, target_ids
@@ -205,7 +209,7 @@ def default_config(handle: ModelHandle) -> dict[str, Any]:
         "classifier_batch": 64,  # edits per step; every query of the batch is scored against each
         "classifier_lr": 2e-3,
         "cf_steps": 300,
-        "cf_targets_per_query": 4,
+        "cf_targets_per_query": 8,  # the edit's own new target and 7 others (see the module docstring)
         "cf_batch": 32,
         # A model as small as the demo one learns to read the edit only at a high rate; pretrained
         # models are fine-tuned at the usual 1e-4.
@@ -216,8 +220,17 @@ def default_config(handle: ModelHandle) -> dict[str, Any]:
     }
 
 
-def _training_records(config: dict[str, Any]) -> list[EditRecord]:
-    records = edit_records("train", seed=int(config["seed"]))
+def training_records(config: dict[str, Any]) -> list[EditRecord]:
+    """The edit records SERAC trains on: training-split edits of training-memory subjects only
+    (:func:`editing.patching.in_training_memory`), the first ``n_records`` of them (0: all).
+
+    The classifier learns every fact these records mention (edits, paraphrases, locality facts,
+    hard negatives) as in or out of some edit's scope; had it seen the probe-side subjects, where
+    :mod:`eval.probes` draws neighbours and unrelated facts, its out-of-scope figures would be
+    measured on its training data (before: 127 of 145 neighbour probes of 30 held-out cases were
+    about training subjects). Held-out subjects are in no training record either.
+    """
+    records = [r for r in edit_records("train", seed=int(config["seed"])) if in_training_memory(r.request.subject)]
     n = int(config.get("n_records") or 0)
     return records[:n] if n > 0 else records
 
@@ -400,7 +413,7 @@ def train_serac(handle: ModelHandle, config: dict[str, Any], folder: Path, progr
     """Trainer entry point: scope classifier, then counterfactual model, then a held-out check."""
     started = time.perf_counter()
     factbase = load_factbase()
-    records = _training_records(config)
+    records = training_records(config)
     encoder = sentence_encoder(handle, config["encoder"])
     if (folder / CLASSIFIER_FILE).exists():
         progress(0.2, "SERAC: scope classifier found, resuming")

@@ -159,8 +159,9 @@ def held_out_memory(n: int = 40) -> list:
 def test_serac_raises_reliability_on_held_out_edits(serac_demo, demo):
     """Measured on 40 held-out edits (one batch edit, one subject each): the new target is the
     top-1 answer for 0% of edit prompts and paraphrases without the edit; with SERAC every query
-    is routed to its own edit and the new target is top-1 for 90% of edit prompts and 86% of
-    held-out-template paraphrases."""
+    is routed to its own edit and the new target is top-1 for 80% of edit prompts and 82% of
+    held-out-template paraphrases (90% and 88% before issue 19, when SERAC also trained on the
+    probe-side half of the training records)."""
     _handle, report = serac_demo
     assert report["heldout_in_scope_recall"] >= 0.95
     records = held_out_memory()
@@ -188,7 +189,7 @@ def test_serac_raises_reliability_on_held_out_edits(serac_demo, demo):
 @pytest.mark.slow
 def test_serac_leaves_out_of_scope_answers_unchanged(serac_demo, demo):
     """Queries about other facts — same relation of other subjects, other relations of the edited
-    subjects, unrelated facts — go to the unchanged base model (measured: 97 of 98)."""
+    subjects, unrelated facts — go to the unchanged base model (measured: 95 of 96)."""
     records = held_out_memory()
     edit = get_method("SERAC").apply(demo, [r.request for r in records])
     edit.revert(demo)

@@ -1,22 +1,30 @@
-"""The training memory of CaliNET, T-Patcher and IKE never holds a probe of the edit being judged.
+"""The training memory of CaliNET, T-Patcher, IKE, SERAC, MEND and KE never holds a probe of the
+edit being judged.
 
 Locality is scored on neighbour and unrelated probes (:mod:`eval.probes`); a method trained to keep
 those very facts unchanged would be scored on its own training data. One rule
 (:func:`editing.patching.in_training_memory`) splits the fact base's subjects into a probe side and
 a memory side; these tests build the probes as the evaluation does, for several seeds and far more
-neighbours than the default, and check that no method's memory touches any of their subjects.
+neighbours than the default, and check that no method's memory touches any of their subjects. The
+learned editors train once for all edits, so theirs is also checked against the probes of every
+held-out evaluation case (``python -m eval run --data demo``).
 """
 
 from __future__ import annotations
 
 import pytest
 
+import editing.learned as learned
+import editing.methods.serac as serac
 from editing.factbase import is_memory_subject, load_factbase
+from editing.learned import QUICK_TRAINING
 from editing.methods.calinet import CaliNETHParams, kept_prompts
 from editing.methods.ike import build_pool
 from editing.patching import in_training_memory, statement_inputs
 from editing.request import EditRequest
 from editing.tiny import tiny_model
+from editing.train import edit_records, train_editor
+from eval.datasets import factbase_cases
 from eval.probes import probes_for_request
 
 REQUESTS = [
@@ -90,6 +98,84 @@ def test_ike_demonstrations_state_no_probe_of_an_edit():
     for request in REQUESTS:
         probes = probe_subjects(request) - {request.subject}
         assert not any(p.subject in probes for p in pool)
+
+
+class _Caught(Exception):
+    """Stops SERAC's trainer once its training data is built."""
+
+
+def heldout_case_probes() -> tuple[set[str], set[str]]:
+    """(subjects, prompts) of every probe of every held-out demo case (``eval run --data demo``,
+    two case seeds), and of generous probe sets of the first 20 held-out edits."""
+    factbase = load_factbase()
+    probes = [p for seed in (0, 1) for case in factbase_cases(factbase, seed=seed) for p in case.probes]
+    subjects = {p.subject for p in probes if p.subject is not None}
+    for record in edit_records("heldout")[:20]:
+        subjects |= probe_subjects(record.request)
+    return subjects, {p.prompt for p in probes}
+
+
+def test_serac_trains_on_no_subject_or_prompt_of_a_held_out_case(monkeypatch, tmp_path):
+    """SERAC's classifier and counterfactual model learn every fact their records mention (edits,
+    paraphrases, locality facts, hard negatives), once for all edits: none may be about a subject
+    that a held-out case edits or probes. Before issue 19 127 of 145 neighbour probes of 30
+    held-out cases were about training subjects, and all were routed to the unchanged model."""
+    seen: dict[str, list] = {}
+    build_examples = serac.scope_examples
+
+    def examples(records, *args, **kwargs):
+        seen["records"] = records
+        return build_examples(records, *args, **kwargs)
+
+    def stop(_encoder, built, _config, _progress):
+        seen["examples"] = built
+        raise _Caught
+
+    monkeypatch.setattr(serac, "scope_examples", examples)
+    monkeypatch.setattr(serac, "train_classifier", stop)
+    monkeypatch.setattr(serac, "sentence_encoder", lambda *_args: None)  # the classifier never runs
+    handle = tiny_model("gpt2")
+    with pytest.raises(_Caught):
+        serac.train_serac(handle, serac.default_config(handle), tmp_path, lambda _f, _m: None)
+    records, built = seen["records"], seen["examples"]
+    assert len(records) >= 300 and len(built) == len(records)
+    # the counterfactual model trains on the records' edit prompts and paraphrases
+    trained_subjects = {r.request.subject for r in records} | {key[0] for e in built for _q, key in e.queries}
+    trained_prompts = {q for e in built for q, _key in e.queries} | {e.edit_text for e in built} | \
+        {p for r in records for p in r.paraphrases}
+    probed_subjects, probed_prompts = heldout_case_probes()
+    assert not trained_subjects & probed_subjects
+    assert not trained_prompts & probed_prompts
+    assert all(in_training_memory(s) for s in trained_subjects)  # the one rule, not a second split
+
+
+def test_mend_and_ke_keep_unchanged_only_training_memory_facts(monkeypatch, isolated_cache):
+    """Locality facts of training records (and the same-relation neighbours the locality term
+    may add) are about memory-side subjects of the training split; those of held-out records,
+    which the training report scores, about probe-side subjects."""
+    factbase = load_factbase()
+    subject_of = {factbase.relations[f.relation].train_templates[0].replace("{}", f.subject): f.subject
+                  for f in factbase.facts}
+    heldout_subjects = {r.request.subject for r in edit_records("heldout")}
+    train = edit_records("train")
+    kept = {subject_of[prompt] for r in train for prompt, _answer in r.locality}
+    assert len(kept) >= 100 and all(in_training_memory(s) for s in kept) and not kept & heldout_subjects
+    probed = {subject_of[prompt] for r in edit_records("heldout") for prompt, _answer in r.locality}
+    assert probed and not any(is_memory_subject(s) for s in probed)
+
+    neighbours: list[tuple[str, str]] = []
+    build_batch = learned.record_batch
+
+    def batch(handle, records, n_paraphrases=2, rows=None):
+        neighbours.extend(pair for row in rows or () for pair in row)
+        return build_batch(handle, records, n_paraphrases, rows)
+
+    monkeypatch.setattr(learned, "record_batch", batch)
+    subjects = {r.request.text: r.request.subject for r in train}
+    for method in ("MEND", "KE"):
+        neighbours.clear()
+        train_editor(tiny_model("gpt2"), method, {**QUICK_TRAINING, "n_neighbours": 2, "steps": 4})
+        assert neighbours and all(in_training_memory(subjects[prompt]) for prompt, _answer in neighbours)
 
 
 def _relation(request: EditRequest) -> str:
