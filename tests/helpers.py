@@ -191,3 +191,33 @@ def held_run_store(path):
             release.wait(120)
 
     return (lambda: HeldStore(path)), first_step, release
+
+
+def assert_learned_editor_edits_bfloat16(method_name: str, build_editor, family: str, requests) -> None:
+    """Train ``method_name``'s editor (quick settings) on a bfloat16 tiny model and apply it: the
+    editor runs in float32 on the model's device, each update is added to a float32 copy of the
+    weight and rounded once, and the revert is bit for bit. Set ``EDITSCOPE_EDITORS`` first."""
+    from editing.methods import get_method
+    from editing.tiny import tiny_model
+    from editing.train import TRAINERS, train_editor
+
+    handle = tiny_model(family)
+    handle.model.to(torch.bfloat16)
+    folder, report = train_editor(handle, method_name, TRAINERS[method_name].quick)
+    assert report["history"] and all(v == v for entry in report["history"] for v in entry.values())  # no NaN
+    method, hparams = get_method(method_name), {"checkpoint": str(folder)}
+    editor, _ = method.trained_editor(handle, hparams, lambda config: build_editor(handle, config))
+    assert {(p.device, p.dtype) for p in editor.parameters()} == {(handle.device, torch.float32)}
+    before = params_snapshot(handle)
+    edit = method.apply(handle, requests, hparams)
+    try:
+        changed = False
+        for name, delta in edit.deltas.items():
+            param = handle.parameter(name)
+            # the float32 update added to a float32 copy of the weight, rounded once
+            assert torch.equal(param, (before[name].float() + delta.materialise("cpu")).to(torch.bfloat16))
+            changed = changed or not torch.equal(param, before[name])
+        assert changed
+    finally:
+        edit.revert(handle)
+    assert_params_equal(handle, before)

@@ -19,6 +19,7 @@ from editing.request import EditRequest
 from editing.tiny import tiny_model
 from editing.train import TRAINERS, edit_records, train_editor
 from tests.helpers import (
+    assert_learned_editor_edits_bfloat16,
     assert_params_equal,
     assert_saved_deltas_round_trip,
     batch_reliability_summing_singles,
@@ -121,23 +122,4 @@ def test_ke_editor_is_built_on_the_requested_device_in_float32():
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_ke_trains_and_edits_a_bfloat16_model(family, tmp_path, monkeypatch):
     monkeypatch.setenv("EDITSCOPE_EDITORS", str(tmp_path))
-    handle = tiny_model(family)
-    handle.model.to(torch.bfloat16)
-    folder, report = train_editor(handle, "KE", TRAINERS["KE"].quick)
-    assert report["history"] and all(v == v for entry in report["history"] for v in entry.values())  # no NaN
-    method, hparams = get_method("KE"), {"checkpoint": str(folder)}
-    editor, _ = method.trained_editor(handle, hparams, lambda config: build_editor(handle, config))
-    assert {(p.device, p.dtype) for p in editor.parameters()} == {(handle.device, torch.float32)}
-    before = params_snapshot(handle)
-    edit = method.apply(handle, REQUESTS, hparams)
-    try:
-        changed = False
-        for name, delta in edit.deltas.items():
-            param = handle.parameter(name)
-            # the float32 update added to a float32 copy of the weight, rounded once
-            assert torch.equal(param, (before[name].float() + delta.materialise("cpu")).to(torch.bfloat16))
-            changed = changed or not torch.equal(param, before[name])
-        assert changed
-    finally:
-        edit.revert(handle)
-    assert_params_equal(handle, before)
+    assert_learned_editor_edits_bfloat16("KE", build_editor, family, REQUESTS)
