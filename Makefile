@@ -39,5 +39,7 @@ test: deps browser prepare
 lint:
 	$(PYTHON) -m ruff check .
 
-bench: deps
+# The core's figures (edit latency, scaling, targets), then the dashboard's (time to first result in a browser).
+bench: deps browser prepare
 	$(PYTHON) -m eval.bench
+	$(PYTHON) -m ui.bench

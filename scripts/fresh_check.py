@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from eval.browser import CHROMIUM, IDLE, free_port, wait_healthy  # noqa: E402  (standard library only: nothing is installed yet)
+from ui.browser import CHROMIUM, IDLE, free_port, wait_healthy  # noqa: E402  (standard library only: nothing is installed yet)
 
 BURN = "while True:\n    pass\n"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from eval import browser as serving
 from tests.app.conftest import APP, ROOT, preferred_method
+from ui import browser as serving
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

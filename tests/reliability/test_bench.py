@@ -1,4 +1,7 @@
-"""The benchmark (python -m eval.bench): a small real run end to end, and its target bookkeeping."""
+"""The core benchmark (python -m eval.bench): a small real run end to end, and its target bookkeeping.
+
+The dashboard's benchmark (python -m ui.bench, a real browser) is tested in tests/app/test_ui_bench.py.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from editing.measure import current_rss_bytes
 from editing.methods import available_methods, get_method
 from editing.tiny import tiny_model
 from editing.train import EDITORS_ENV
-from eval import bench
+from eval.bench import cases, common, report, rows, run
 from eval.realcost import EditCost
 
 
@@ -30,11 +33,11 @@ def test_a_quick_run_measures_every_case_and_writes_csv_plot_and_markdown(tmp_pa
         pytest.skip("no method registered and ready on a tiny model")
     monkeypatch.setenv(EDITORS_ENV, str(tmp_path / "editors"))  # no trained editor here yet
     unready = [m for m in available_methods() if get_method(m).readiness(tiny_model("gpt2")) is not None][:1]
-    config = bench.quick_config(models=("tiny-gpt2",), methods=(method, *unready, "No-Such-Method"), server=False)
+    config = run.quick_config(models=("tiny-gpt2",), methods=(method, *unready, "No-Such-Method"))
     log: list[str] = []
-    results = bench.run_benchmark(config, log=log.append)
-    rows = {r.method: r for r in results.latency}
-    measured = rows[method]
+    results = run.run_benchmark(config, log=log.append)
+    by_method = {r.method: r for r in results.latency}
+    measured = by_method[method]
     assert measured.status == "ok" and measured.n_edits == config.n_edits_tiny
     assert 0 < measured.min_s <= measured.median_s <= measured.max_s and measured.cold_s > 0
     assert measured.median_cpu_s > 0
@@ -43,18 +46,18 @@ def test_a_quick_run_measures_every_case_and_writes_csv_plot_and_markdown(tmp_pa
     assert measured.memory_kind in ("rss", "cuda") and measured.peak_memory_bytes < current_rss_bytes()
     assert measured.edit_size_bytes > 0
     for name in unready:  # on a tiny model an editor is trained for a few steps, only to time it
-        assert rows[name].status == "ok" and rows[name].n_edits == config.n_edits_tiny
+        assert by_method[name].status == "ok" and by_method[name].n_edits == config.n_edits_tiny
         assert any(f"training {name} on tiny-gpt2 (a few steps" in line for line in log)
-        problem, hparams = bench.ensure_ready(tiny_model("llama"), name, train=False, log=log.append)
+        problem, hparams = cases.ensure_ready(tiny_model("llama"), name, train=False, log=log.append)
         assert "python -m editing.train" in problem and hparams == {}  # elsewhere: skipped with the reason
-    assert "No-Such-Method" not in rows and any("unknown method 'No-Such-Method'" in line for line in log)
-    assert results.server["status"] == "skipped"
-    written = bench.write_results(results, tmp_path)
+    assert "No-Such-Method" not in by_method and any("unknown method 'No-Such-Method'" in line for line in log)
+    assert "python -m ui.bench" in report.markdown_report(results)  # the UI's figures: its own benchmark
+    written = report.write_results(results, tmp_path)
     latency = pd.read_csv(written["latency"])
-    assert list(latency.columns) == bench._columns(bench.LatencyRow)
+    assert list(latency.columns) == rows.columns_of(rows.LatencyRow)
     assert latency.loc[latency["method"] == method, "median_s"].iloc[0] == pytest.approx(measured.median_s)
     targets = pd.read_csv(written["targets"])
-    assert set(targets["target"]) == set(bench.TARGETS)
+    assert set(targets["target"]) == set(rows.TARGETS)
     assert set(targets["status"]) == {"not run"}  # no demo model in this run
     markdown = written["markdown"].read_text()
     assert results.machine["cpu"] in markdown and f"| {method} |" in markdown
@@ -62,75 +65,62 @@ def test_a_quick_run_measures_every_case_and_writes_csv_plot_and_markdown(tmp_pa
 
 
 def test_targets_report_ratios_and_what_was_not_run():
-    config = bench.BenchConfig()
-    results = bench.BenchResults(machine={}, config={})
+    config = run.BenchConfig()
+    results = rows.BenchResults(machine={}, config={})
     results.measured.update(rome_edit_s=0.5, eval_100_probes_s=2.0)
-    results.scaling.append(bench.ScalingRow(model="demo", method="MEMIT", mode="batch", n=1000, status="ok",
-                                            wall_s=30.0, peak_memory_bytes=6 * bench.GIB, memory_kind="rss"))
-    targets = {t.target: t for t in bench.evaluate_targets(results, config)}
+    results.scaling.append(rows.ScalingRow(model="demo", method="MEMIT", mode="batch", n=1000, status="ok",
+                                            wall_s=30.0, peak_memory_bytes=6 * common.GIB, memory_kind="rss"))
+    targets = {t.target: t for t in rows.evaluate_targets(results, config.quick)}
     assert targets["rome_edit_s"].ratio == pytest.approx(0.5) and targets["rome_edit_s"].status == "met"
     assert targets["eval_100_probes_s"].ratio == pytest.approx(2.0) and targets["eval_100_probes_s"].status == "missed"
     assert targets["memit_1000_peak_gib"].measured == pytest.approx(6.0)
     assert targets["memit_1000_peak_gib"].ratio == pytest.approx(0.25)
     assert targets["scope_map_100_s"].status == "not run" and math.isnan(targets["scope_map_100_s"].ratio)
-    results.scaling[0] = bench.ScalingRow(model="demo", method="MEMIT", mode="batch", n=1000, status="oom",
+    results.scaling[0] = rows.ScalingRow(model="demo", method="MEMIT", mode="batch", n=1000, status="oom",
                                           reason="MemoryError: out of memory")
-    memit = next(t for t in bench.evaluate_targets(results, config) if t.target == "memit_1000_peak_gib")
+    memit = next(t for t in rows.evaluate_targets(results, config.quick) if t.target == "memit_1000_peak_gib")
     assert memit.status == "missed" and "oom" in memit.note
 
 
 def test_the_command_line_selects_models_methods_and_sizes(tmp_path):
-    config, out, markdown = bench.config_from_args(
+    config, out, markdown = run.config_from_args(
         ["--quick", "--models", "demo,tiny-llama", "--methods", "ROME, MEMIT", "--out", str(tmp_path),
-         "--skip-server", "--batch-sizes", "1,5", "--markdown", str(tmp_path / "b.md")])
+         "--batch-sizes", "1,5", "--markdown", str(tmp_path / "b.md")])
     assert config.quick and config.models == ("demo", "tiny-llama") and config.methods == ("ROME", "MEMIT")
-    assert config.batch_sizes == (1, 5) and not config.server and out == tmp_path
+    assert config.batch_sizes == (1, 5) and out == tmp_path
     assert markdown == tmp_path / "b.md"
-    full, _, _ = bench.config_from_args([])
-    assert full.batch_sizes == (1, 10, 100, 1000) and full.server and full.models == ("demo", "tiny")
+    full, _, _ = run.config_from_args([])
+    assert full.batch_sizes == (1, 10, 100, 1000) and full.models == ("demo", "tiny")
 
 
 def test_real_model_edit_cost_is_selected_and_reported():
-    config, _, _ = bench.config_from_args(["--real", "smollm2-135m", "--skip-server"])
+    config, _, _ = run.config_from_args(["--real", "smollm2-135m"])
     assert config.real_models == ("smollm2-135m",)
-    assert bench.config_from_args([])[0].real_models == ()  # opt-in: it loads a 135M-parameter model
-    results = bench.BenchResults(machine=bench.machine_info(torch.device("cpu")), config={})
+    assert run.config_from_args([])[0].real_models == ()  # opt-in: it loads a 135M-parameter model
+    results = rows.BenchResults(machine=common.machine_info(torch.device("cpu")), config={})
     results.real_costs.append(EditCost(model="smollm2-135m", method="ROME", threads=2, first_edit_s=26.4,
                                        cached_edits_s=[18.0, 18.6, 26.0], peak_memory_bytes=2 ** 30,
                                        memory_kind="rss", flops=int(2.25e12), matmul_flops_per_s=2e11))
-    markdown = bench.markdown_report(results)
+    markdown = report.markdown_report(results)
     assert "ROME edit cost on a real model — ROME on smollm2-135m" in markdown
     assert "| arithmetic floor of a later edit (operations / rate) | 11.2 s |" in markdown
     assert "| later edit / floor | 1.65 |" in markdown
     assert results.frames()["real_cost"].loc[0, "floor_s"] == pytest.approx(11.25)
 
 
-def test_time_to_first_result_and_first_scope_map_in_a_real_browser():
-    """The benchmark's server figures come from a real run: every phase measured, in order."""
-    reason = bench.server_unavailable_reason()
-    if reason:
-        pytest.skip(reason)  # no Chromium on this machine: `make browser` installs it
-    server = bench.bench_time_to_first_result(timeout_s=600.0)
-    assert server["status"] == "ok", server
-    assert 0 < server["server_up_s"] <= server["page_ready_s"] <= server["first_result_s"]
-    assert 0 < server["scope_map_s"] and server["first_result_s"] < server["scope_map_after_start_s"]
-    results = bench.BenchResults(machine=bench.machine_info(torch.device("cpu")), config={}, server=server)
-    assert "Scope map's first render" in bench.markdown_report(results)
-
-
 def test_the_long_sequential_run_is_opt_in_and_reports_the_step_cost_ratio(tmp_path):
-    config, _, _ = bench.config_from_args(["--sequential-long", "1000", "--skip-server"])
+    config, _, _ = run.config_from_args(["--sequential-long", "1000"])
     assert config.n_sequential_long == 1000
-    assert bench.config_from_args([])[0].n_sequential_long == 0  # off by default: 1000 edits take minutes
-    assert bench.config_from_args(["--quick"])[0].n_sequential_long == 0
+    assert run.config_from_args([])[0].n_sequential_long == 0  # off by default: 1000 edits take minutes
+    assert run.config_from_args(["--quick"])[0].n_sequential_long == 0
     with pytest.raises(SystemExit):
-        bench.config_from_args(["--sequential-long", "-1"])
+        run.config_from_args(["--sequential-long", "-1"])
     method = _fast_ready_method()
     if method is None:
         pytest.skip("no method registered and ready on a tiny model")
     handle = tiny_model("gpt2")
     log: list[str] = []
-    row, steps = bench.bench_sequential_long(handle, "tiny-gpt2", 24, method, log=log.append, early=4, window=4)
+    row, steps = cases.bench_sequential_long(handle, "tiny-gpt2", 24, method, log=log.append, early=4, window=4)
     assert row.status == "ok", row.reason
     assert [s["step"] for s in steps] == list(range(1, 25)) and all(s["step_s"] >= s["edit_s"] > 0 for s in steps)
     assert (row.early_steps, row.late_steps) == ("3-6", "21-24")
@@ -138,10 +128,10 @@ def test_the_long_sequential_run_is_opt_in_and_reports_the_step_cost_ratio(tmp_p
     assert row.restack_cached_s > 0 and row.restack_plain_s > 0
     assert row.bit_identical and row.memory_kind in ("rss", "cuda")
     assert any("step 24/24" in line for line in log)
-    results = bench.BenchResults(machine=bench.machine_info(torch.device("cpu")), config={})
+    results = rows.BenchResults(machine=common.machine_info(torch.device("cpu")), config={})
     results.sequential_long.append(row)
     results.sequential_long_steps.extend(steps)
-    written = bench.write_results(results, tmp_path)
+    written = report.write_results(results, tmp_path)
     assert len(pd.read_csv(written["sequential_long_steps"])) == 24
     assert pd.read_csv(written["sequential_long"]).loc[0, "ratio"] == pytest.approx(row.ratio)
     markdown = written["markdown"].read_text()

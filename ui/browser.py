@@ -1,5 +1,5 @@
 """Serving the dashboard to a headless browser: the Streamlit server, its health check and the page
-states the benchmark and the fresh-machine check wait for.
+states the UI benchmark (ui.bench), the browser tests and the fresh-machine check wait for.
 
 Standard library only, so ``scripts/fresh-check`` can use it on a machine where nothing is installed yet.
 """
