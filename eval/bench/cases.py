@@ -48,8 +48,10 @@ def probe_set(request: EditRequest, n: int, seed: int = 0):
 
 
 def ensure_ready(handle: ModelHandle, method: str, train: bool, log: Log,
-                 quick: bool = False) -> tuple[str | None, dict[str, Any]]:
-    """``(None, hparams)`` when ``method`` can edit ``handle`` with ``hparams``; else ``(why not, {})``.
+                 quick: bool = False) -> tuple[str | None, dict[str, Any], float]:
+    """``(None, hparams, train_s)`` when ``method`` can edit ``handle`` with ``hparams``; else
+    ``(why not, {}, train_s)``. ``train_s`` is the wall time of training its editor in this call
+    (NaN when nothing was trained: a ready method, or an editor found in the cache).
 
     A learned method without an editor is trained first: with ``train`` in its default config;
     with ``quick`` (tiny random models, where only the cost is measured) in its trainer's few-step
@@ -60,15 +62,18 @@ def ensure_ready(handle: ModelHandle, method: str, train: bool, log: Log,
     from editing.train import TRAINERS, train_editor
 
     if problem is None or method not in TRAINERS or not (train or quick):
-        return problem, {}
+        return problem, {}, math.nan
     overrides = None if train else TRAINERS[method].quick
     log(f"  training {method} on {handle.name}{' (a few steps, to time it)' if overrides else ''} ...")
+    started = time.perf_counter()
     try:
         folder, _ = train_editor(handle, method, overrides, progress=lambda f, m: None)
     except Exception as err:  # a failed training is reported like any other skip
-        return f"training failed: {reason_of(err)}", {}
+        return f"training failed: {reason_of(err)}", {}, time.perf_counter() - started
+    train_s = time.perf_counter() - started
+    log(f"  trained {method} in {train_s:.0f} s")
     hparams: dict[str, Any] = {"checkpoint": str(folder)} if overrides else {}
-    return method_obj.readiness(handle, hparams), hparams
+    return method_obj.readiness(handle, hparams), hparams, train_s
 
 
 def bench_latency(handle: ModelHandle, model: str, method: str, requests: Sequence[EditRequest],

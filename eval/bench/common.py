@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -94,8 +96,43 @@ def describe_machine(machine: dict[str, Any]) -> str:
     accel = f", GPU {machine['gpu']}" if machine.get("gpu") else ""
     load = machine.get("load_avg_1m")
     busy = f", load average {load} at the start" if load is not None else ""
+    during = machine.get("load_during")
+    if during:
+        busy += (f", {during['min']}–{during['max']} (mean {during['mean']}) during the run of "
+                 f"{during['wall_s']:.0f} s")
     return (f"{machine['cpu']}, {machine['cores_available']} of {machine['cores']} cores available "
             f"({machine['torch_threads']} torch threads{busy}), {machine['ram_gib']} GiB RAM{accel}; "
             f"device {machine['device']}; Python {machine['python']}, torch {machine['torch']}, "
             f"transformers {machine['transformers']}; {machine['date']}")
 
+
+
+@contextlib.contextmanager
+def load_during(every_s: float = 5.0) -> Iterator[dict[str, float]]:
+    """Sample the 1-minute load average while the block runs; the yielded dict is filled on exit
+    with its min, mean and max and the block's wall time (empty where the OS has no load average).
+
+    The figures of a shared machine mean little without how busy it was while they were taken.
+    """
+    summary: dict[str, float] = {}
+    if not hasattr(os, "getloadavg"):
+        yield summary
+        return
+    samples = [os.getloadavg()[0]]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(every_s):
+            samples.append(os.getloadavg()[0])
+
+    sampler = threading.Thread(target=sample, name="load-sampler", daemon=True)
+    started = time.perf_counter()
+    sampler.start()
+    try:
+        yield summary
+    finally:
+        stop.set()
+        sampler.join()
+        samples.append(os.getloadavg()[0])
+        summary.update(min=round(min(samples), 1), mean=round(statistics.fmean(samples), 1),
+                       max=round(max(samples), 1), wall_s=round(time.perf_counter() - started, 1))

@@ -35,7 +35,9 @@ def markdown_report(results: BenchResults) -> str:
              "threads): on a shared machine the wall time grows with other programs' work, the CPU time does not. "
              "Memory is the peak above the level before the edit: the CUDA allocator's peak on a GPU; on a CPU the "
              "growth of the process's resident set, which stays 0 when the edit fits in memory the process "
-             "already holds.", "",
+             "already holds. *Training (s)*: the wall time of training a learned editor in this run (its default "
+             "config with `--train` on the demo model; a few-step config on the tiny models, only so that their "
+             "edits can be timed); – where none was trained (a cached editor was used).", "",
              f"Measured on: {describe_machine(results.machine)}.", ""]
     lines += ["### Performance targets (demo model)", "",
               "| target | measured (wall) | CPU time | limit | ratio | status | note |",
@@ -48,14 +50,14 @@ def markdown_report(results: BenchResults) -> str:
         rows = [r for r in results.latency if r.model == model]
         lines += ["", f"### Edit latency and memory — {model}", "",
                   "| method | kind | median edit (s) | CPU (s) | cold edit (s) | peak memory (MiB) | edit size (KiB) "
-                  "| probes/s | status |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| probes/s | training (s) | status |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             status = "ok" if r.status == "ok" else f"{r.status}: {r.reason}"
             lines.append(f"| {r.method} | {r.edit_kind} | {_fmt(r.median_s)} | {_fmt(r.median_cpu_s)} | "
                          f"{_fmt(r.cold_s)} | "
                          f"{_fmt(r.peak_memory_bytes / 2 ** 20, 1) if r.status == 'ok' else '–'} | "
                          f"{_fmt(r.edit_size_bytes / 1024, 1) if r.status == 'ok' else '–'} | "
-                         f"{_fmt(r.eval_probes_per_s, 0)} | {status} |")
+                         f"{_fmt(r.eval_probes_per_s, 0)} | {_fmt(r.train_s, 0)} | {status} |")
     for mode, title in (("batch", "Batch scaling (one edit of n requests)"),
                         ("sequential", "Sequential editing (cost of the n-th edit)")):
         rows = [r for r in results.scaling if r.mode == mode]

@@ -43,6 +43,7 @@ class LatencyRow:
     eval_probes: int = 0
     eval_probes_per_s: float = math.nan
     edit_size_bytes: int = 0
+    train_s: float = math.nan  # training the editor in this run (learned methods; NaN: none trained)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from eval.bench.cases import (
     ensure_ready,
     request_pool,
 )
-from eval.bench.common import Log, describe_machine, is_oom, machine_info, mib, print_line, reason_of
+from eval.bench.common import Log, describe_machine, is_oom, load_during, machine_info, mib, print_line, reason_of
 from eval.bench.report import markdown_report, write_results
 from eval.bench.rows import TARGETS, BenchResults, LatencyRow, SequentialLongRow, evaluate_targets
 from eval.realcost import cost_markdown, measure_edit_cost
@@ -94,6 +94,15 @@ def run_benchmark(config: BenchConfig, log: Log = print_line) -> BenchResults:
     device = pick_device(config.device)
     results = BenchResults(machine=machine_info(device), config=asdict(config))
     log(f"EditScope benchmark on {describe_machine(results.machine)}")
+    with load_during() as load:
+        _run_cases(config, results, device, log)
+    results.machine["load_during"] = load
+    results.targets = evaluate_targets(results, config.quick)
+    return results
+
+
+def _run_cases(config: BenchConfig, results: BenchResults, device: torch.device, log: Log) -> None:
+    """Every model and method of ``config``, appended to ``results``."""
     registered = available_methods()
     wanted = list(config.methods) if config.methods else registered
     unknown = [m for m in wanted if m.lower() not in {r.lower() for r in registered}]
@@ -106,10 +115,10 @@ def run_benchmark(config: BenchConfig, log: Log = print_line) -> BenchResults:
         is_demo = not label.startswith("tiny")
         log(f"\n== {label} ({handle.n_layers} layers, d_model {handle.d_model}) on {handle.device}")
         for method in methods:
-            problem, hparams = ensure_ready(handle, method, config.train, log, quick=not is_demo)
+            problem, hparams, train_s = ensure_ready(handle, method, config.train, log, quick=not is_demo)
             if problem is not None:
                 results.latency.append(LatencyRow(model=label, method=method, status="skipped", reason=problem,
-                                                  edit_kind=get_method(method).edit_kind))
+                                                  edit_kind=get_method(method).edit_kind, train_s=train_s))
                 log(f"  {method}: skipped — {problem}")
                 continue
             n_edits = (config.n_edits if is_demo else config.n_edits_tiny) + 1
@@ -120,6 +129,7 @@ def run_benchmark(config: BenchConfig, log: Log = print_line) -> BenchResults:
                 row = LatencyRow(model=label, method=method, status="oom" if is_oom(err) else "error",
                                  reason=reason_of(err), edit_kind=get_method(method).edit_kind)
                 log(traceback.format_exc(limit=3))
+            row.train_s = train_s
             results.latency.append(row)
             log(f"  {method}: " + (f"median {row.median_s:.3f} s over {row.n_edits} edits (cold {row.cold_s:.2f} s), "
                                    f"peak {mib(row.peak_memory_bytes)} {row.memory_kind}"

@@ -48,8 +48,10 @@ def test_a_quick_run_measures_every_case_and_writes_csv_plot_and_markdown(tmp_pa
     for name in unready:  # on a tiny model an editor is trained for a few steps, only to time it
         assert by_method[name].status == "ok" and by_method[name].n_edits == config.n_edits_tiny
         assert any(f"training {name} on tiny-gpt2 (a few steps" in line for line in log)
-        problem, hparams = cases.ensure_ready(tiny_model("llama"), name, train=False, log=log.append)
-        assert "python -m editing.train" in problem and hparams == {}  # elsewhere: skipped with the reason
+        assert by_method[name].train_s > 0 and any(f"trained {name} in" in line for line in log)
+        problem, hparams, train_s = cases.ensure_ready(tiny_model("llama"), name, train=False, log=log.append)
+        # elsewhere: skipped with the reason, nothing trained
+        assert "python -m editing.train" in problem and hparams == {} and math.isnan(train_s)
     assert "No-Such-Method" not in by_method and any("unknown method 'No-Such-Method'" in line for line in log)
     assert "python -m ui.bench" in report.markdown_report(results)  # the UI's figures: its own benchmark
     written = report.write_results(results, tmp_path)
@@ -137,3 +139,11 @@ def test_the_long_sequential_run_is_opt_in_and_reports_the_step_cost_ratio(tmp_p
     markdown = written["markdown"].read_text()
     assert f"### Long sequential run — 24 {method} edits, tiny-gpt2 model" in markdown
     assert "| time per step (median, s) |" in markdown and "identical to the original: yes" in markdown
+
+
+def test_the_load_during_a_run_is_sampled_and_reported():
+    with common.load_during(every_s=0.01) as load:
+        sum(i * i for i in range(200_000))
+    assert 0 <= load["min"] <= load["mean"] <= load["max"] and load["wall_s"] >= 0
+    machine = {**common.machine_info(torch.device("cpu")), "load_during": load}
+    assert f"during the run of {load['wall_s']:.0f} s" in common.describe_machine(machine)
