@@ -14,15 +14,16 @@ outer products, so:
 * :func:`to_param_delta` stores a shift as the low-rank factors of a :class:`ParamDelta` in the
   parameter's storage shape (GPT-2's Conv1D keeps ``(in, out)``).
 
-The module also holds the training loop with atomic, resumable checkpoints (:func:`train_loop`),
-the deterministic data order, the losses the editors are trained with (edit NLL, locality KL) and
-the held-out evaluation (:func:`evaluate_editor`) that the training report and the tests share.
+The module also holds what MEND and KE share around those: their training step
+(:func:`train_gradient_editor`, run by the one loop of :mod:`editing.training`), the held-out
+evaluation (:func:`evaluate_editor`) and the lookup of trained editors (:class:`TrainedEditorMixin`,
+also SERAC's). Their training data is built by :mod:`editing.editor_data`, the teacher-forced
+target batches by :mod:`editing.targets`; the names re-exported from those modules and from
+:mod:`editing.training` keep the older imports from this module working.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import shlex
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,25 +33,42 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from editing.edit import EditError, ParamDelta
-from editing.files import atomic_path, atomic_write_text
+from editing.editor_data import RecordBatch, batch_indices, neighbour_facts, record_batch
 from editing.patching import in_training_memory
-from editing.scoring import check_length, score_targets
-from editing.tokens import encode, pad_batch, pad_id, target_ids
+from editing.scoring import score_targets
+from editing.targets import TargetBatch, masked_kl, target_batch, target_hits, target_nll
 from editing.train import checkpoint_config, checkpoint_problem, trained_checkpoint, training_records
+from editing.training import (
+    LrSchedule,
+    finite_or_raise,
+    load_tensors,
+    load_trained,
+    lr_warmup_linear,
+    save_tensors,
+    train_loop,
+)
 
 if TYPE_CHECKING:
     from editing.methods.base import EditMethod, HParams
     from editing.models import ModelHandle
     from editing.train import EditRecord
 
-STATE_TENSORS = "state.safetensors"
-STATE_META = "state.json"
-EDITOR_TENSORS = "editor.safetensors"
+__all__ = [  # the re-exported names with this module's own public ones
+    "EDITOR_PART", "EDITOR_TENSORS", "QUICK_TRAINING", "GradientFactors", "LowRankShift", "RecordBatch", "TargetBatch",
+    "TrainedEditorMixin", "batch_indices", "chosen_checkpoint", "default_edit_layers", "edit_and_locality_losses",
+    "editor_on", "evaluate_editor", "finite_or_raise", "gradient_factors", "load_tensors", "load_trained_editor",
+    "lr_warmup_linear", "masked_kl", "mlp_weight_names", "module_of", "neighbour_facts", "out_in_shape",
+    "record_batch", "save_tensors", "seeded_generator", "shifted", "summed_deltas", "target_batch", "target_hits",
+    "target_nll", "to_param_delta", "train_gradient_editor", "train_loop",
+]
+
+#: the part of a MEND/KE checkpoint folder that is the editor (:mod:`editing.training`'s layout)
+EDITOR_PART = "editor"
+#: its trained weights
+EDITOR_TENSORS = f"{EDITOR_PART}.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,72 +95,6 @@ def out_in_shape(handle: ModelHandle, weight_name: str) -> tuple[int, int]:
     """``(out, in)`` of a projection, whatever its storage layout."""
     out_dim, in_dim = handle.arch.weight_out_in(handle.module(module_of(weight_name))).shape
     return int(out_dim), int(in_dim)
-
-
-# ---------------------------------------------------------------------------------------------
-# Token batches with scored target positions
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class TargetBatch:
-    """Right-padded ``prompt + target`` sequences and which logits score which target token.
-
-    ``scored[b, s]`` is True where the logits at position ``s`` predict a target token, which
-    is then ``labels[b, s]``.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    scored: torch.Tensor
-    labels: torch.Tensor
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def rows(self, index: slice) -> TargetBatch:
-        """The sub-batch of some rows (same padding width)."""
-        return TargetBatch(self.input_ids[index], self.attention_mask[index], self.scored[index], self.labels[index])
-
-
-def target_batch(handle: ModelHandle, pairs: Sequence[tuple[str, str]]) -> TargetBatch:
-    """Tokenise ``(prompt, target)`` pairs the way :mod:`editing.scoring` scores them."""
-    tok = handle.tokenizer
-    prompts = [encode(tok, prompt) for prompt, _ in pairs]
-    targets = [target_ids(tok, prompt, target) for prompt, target in pairs]
-    seqs = [p + t for p, t in zip(prompts, targets, strict=True)]
-    check_length(handle, seqs)
-    batch = pad_batch(seqs, pad_id(tok), handle.device)
-    scored = torch.zeros_like(batch.input_ids, dtype=torch.bool)
-    labels = torch.zeros_like(batch.input_ids)
-    for row, (p_ids, t_ids) in enumerate(zip(prompts, targets, strict=True)):
-        start = len(p_ids) - 1
-        scored[row, start: start + len(t_ids)] = True
-        labels[row, start: start + len(t_ids)] = torch.tensor(t_ids, device=labels.device)
-    return TargetBatch(batch.input_ids, batch.attention_mask, scored, labels)
-
-
-def target_nll(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
-    """``(rows,)`` mean negative log-likelihood of each row's target tokens."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.labels[..., None])[..., 0]
-    mask = batch.scored.float()
-    return -(logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-
-
-def target_hits(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
-    """``(rows,)`` fraction of each row's target tokens that are the argmax (token accuracy)."""
-    hits = (logits.argmax(-1) == batch.labels) & batch.scored
-    return hits.float().sum(-1) / batch.scored.float().sum(-1).clamp(min=1)
-
-
-def masked_kl(pre_logits: torch.Tensor, post_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked positions of KL(pre ‖ post) between next-token distributions."""
-    pre = torch.log_softmax(pre_logits.float(), dim=-1)
-    post = torch.log_softmax(post_logits.float(), dim=-1)
-    kl = (pre.exp() * (pre - post)).sum(-1)
-    weights = mask.float()
-    return (kl * weights).sum() / weights.sum().clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,91 +265,8 @@ def gradient_factors(handle: ModelHandle, weight_names: Sequence[str],
 
 
 # ---------------------------------------------------------------------------------------------
-# Training data order, losses on edit records
+# The losses an editor is trained with, under its shifts
 # ---------------------------------------------------------------------------------------------
-def batch_indices(n_items: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Record indices of training step ``step``: epochs of seeded permutations, so a resumed
-    run sees exactly the batches an uninterrupted one would."""
-    out = []
-    position = step * batch_size
-    for offset in range(batch_size):
-        epoch, index = divmod(position + offset, n_items)
-        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(order[index]))
-    return out
-
-
-@dataclass
-class RecordBatch:
-    """Everything a training step needs for a batch of edit records.
-
-    ``probes`` holds the equivalence rows (each edit prompt and its paraphrases, with the new
-    target) followed by the locality rows (unrelated prompts with their answers), so one
-    forward pass scores both; ``example`` says which record each probe row belongs to.
-    """
-
-    edit: TargetBatch  # each record's edit prompt with its new target
-    probes: TargetBatch
-    example: torch.Tensor
-    n_outer: int  # the first n_outer probe rows are equivalence rows, the rest locality rows
-    local_pre_logits: torch.Tensor  # the unedited model's logits on the locality rows
-
-
-def neighbour_facts(records: Sequence[EditRecord], per_record: int,
-                    pool: Sequence[EditRecord] | None = None) -> list[tuple[tuple[str, str], ...]]:
-    """For each record, up to ``per_record`` facts of other subjects asked with the same prompt
-    template (so of the same relation: CounterFact's "neighbourhood"), as (prompt, true answer).
-
-    They are taken from ``pool`` (default: ``records``) in order, starting after the record
-    itself (records outside the pool start one fact further than the previous such record of
-    their template), so the choice is deterministic. An edit should leave them alone; random
-    unrelated facts alone do not teach an editor that (MEND then moved "The capital of Spain is"
-    along with an edit of France's capital). Training passes the training memory as ``pool``.
-    """
-    pool = records if pool is None else pool
-    by_template: dict[str, list[EditRecord]] = {}
-    for record in pool:
-        if record.request.target_true:
-            by_template.setdefault(record.request.prompt, []).append(record)
-    outside_pool: dict[str, int] = {}  # records of each template seen that are not in the pool
-    out = []
-    for record in records:
-        group = by_template.get(record.request.prompt, [])
-        start = next((i + 1 for i, other in enumerate(group) if other is record), None)
-        if start is None:  # spread such records over the group instead of all taking its first facts
-            start = outside_pool.get(record.request.prompt, 0)
-            outside_pool[record.request.prompt] = start + 1
-        chosen: list[tuple[str, str]] = []
-        for offset in range(len(group)):
-            other = group[(start + offset) % len(group)].request
-            if other.subject != record.request.subject and len(chosen) < per_record:
-                chosen.append((other.text, str(other.target_true)))
-        out.append(tuple(chosen))
-    return out
-
-
-def record_batch(handle: ModelHandle, records: Sequence[EditRecord], n_paraphrases: int = 2,
-                 neighbours: Sequence[Sequence[tuple[str, str]]] | None = None) -> RecordBatch:
-    """Build the edit batch and the probe batch (equivalence, then locality rows: each record's
-    locality facts and its ``neighbours``, see :func:`neighbour_facts`)."""
-    edit_pairs, outer_pairs, outer_rows, local_pairs, local_rows = [], [], [], [], []
-    for index, record in enumerate(records):
-        request = record.request
-        edit_pairs.append((request.text, request.target_new))
-        for prompt in (request.text, *record.paraphrases[:n_paraphrases]):
-            outer_pairs.append((prompt, request.target_new))
-            outer_rows.append(index)
-        for prompt, answer in (*record.locality, *(neighbours[index] if neighbours else ())):
-            local_pairs.append((prompt, answer))
-            local_rows.append(index)
-    probes = target_batch(handle, outer_pairs + local_pairs)
-    n_outer = len(outer_pairs)
-    with torch.no_grad():
-        local_pre = handle.model(**probes.rows(slice(n_outer, None)).model_inputs()).logits.float()
-    return RecordBatch(edit=target_batch(handle, edit_pairs), probes=probes,
-                       example=torch.tensor(outer_rows + local_rows), n_outer=n_outer, local_pre_logits=local_pre)
-
-
 def edit_and_locality_losses(handle: ModelHandle, batch: RecordBatch,
                              shifts: dict[str, LowRankShift]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(edit NLL on the equivalence rows, locality KL, edit token accuracy) under ``shifts``."""
@@ -411,125 +280,8 @@ def edit_and_locality_losses(handle: ModelHandle, batch: RecordBatch,
     return nll, kl, accuracy
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpointed, resumable training loop
-# ---------------------------------------------------------------------------------------------
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    state = optimizer.state_dict()
-    tensors = {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
-    return tensors, state["param_groups"]
-
-
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                       param_groups: list[dict[str, Any]]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Atomic safetensors write (a crash never leaves a half-written file under ``path``)."""
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
-def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as fh:
-        return {key: fh.get_tensor(key) for key in fh.keys()}, dict(fh.metadata() or {})
-
-
-StepFn = Callable[[int], dict[str, float]]
-
-
-def train_loop(editor: nn.Module, optimizer: torch.optim.Optimizer, step_fn: StepFn, steps: int, folder: Path,
-               progress: Callable[[float, str], None], lock: Any, checkpoint_every: int = 100,
-               lr_at: Callable[[int], float] | None = None, log_every: int = 25) -> dict[str, Any]:
-    """Run ``step_fn(step)`` for ``steps`` steps, saving a resumable checkpoint every
-    ``checkpoint_every`` steps and the trained editor at the end.
-
-    ``step_fn`` computes the loss, calls ``backward`` and returns scalars to log; the loop does
-    the optimiser step. If ``folder`` holds a checkpoint the run continues from it; with the
-    seeded data order of :func:`batch_indices` the result equals an uninterrupted run.
-    ``lr_at(step)`` is a multiplier on each group's base learning rate (a schedule needs no state).
-    ``lock`` (the model handle's) is held during each step only: steps hook the shared model, and
-    edit sessions using the same model run between steps.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    start, history, elapsed_before = 0, [], 0.0
-    if (folder / STATE_META).exists() and (folder / STATE_TENSORS).exists():
-        meta = json.loads((folder / STATE_META).read_text())
-        tensors, tensor_meta = load_tensors(folder / STATE_TENSORS)
-        if tensor_meta.get("step") == str(meta["step"]):  # both files of the same save
-            editor.load_state_dict({k[len("editor."):]: v for k, v in tensors.items() if k.startswith("editor.")})
-            _restore_optimizer(optimizer, tensors, meta["param_groups"])
-            start, history, elapsed_before = meta["step"], meta["history"], meta.get("train_seconds", 0.0)
-            progress(start / max(steps, 1), f"resuming at step {start}")
-
-    began = time.perf_counter()
-
-    def save(step: int) -> None:
-        tensors = {f"editor.{k}": v for k, v in editor.state_dict().items()}
-        optim_tensors, groups = _flatten_optimizer(optimizer)
-        tensors.update(optim_tensors)
-        save_tensors(folder / STATE_TENSORS, tensors, metadata={"step": str(step)})
-        meta = {"step": step, "param_groups": groups, "history": history,
-                "train_seconds": elapsed_before + time.perf_counter() - began}
-        atomic_write_text(folder / STATE_META, json.dumps(meta))
-
-    editor.train()
-    running: dict[str, float] = {}
-    for step in range(start, steps):
-        if lr_at is not None:
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                group["lr"] = base * lr_at(step)
-        optimizer.zero_grad(set_to_none=True)
-        with lock:
-            logs = step_fn(step)
-        optimizer.step()
-        for key, value in logs.items():
-            running[key] = running.get(key, 0.0) + value
-        done = step + 1
-        if done % log_every == 0 or done == steps:
-            count = log_every if done % log_every == 0 else done % log_every
-            entry = {"step": done, **{k: round(v / count, 5) for k, v in running.items()}}
-            history.append(entry)
-            running = {}
-            summary = ", ".join(f"{k} {v:.3g}" for k, v in entry.items() if k != "step")
-            progress(done / steps, f"step {done}/{steps}: {summary}")
-        if done % checkpoint_every == 0 and done < steps:
-            save(done)
-    editor.eval()
-    save(steps)
-    save_tensors(folder / EDITOR_TENSORS, editor.state_dict())
-    return {"steps": steps, "train_seconds": round(elapsed_before + time.perf_counter() - began, 1),
-            "history": history}
-
-
-def load_editor_weights(editor: nn.Module, folder: Path) -> nn.Module:
-    """Load a trained editor's weights saved by :func:`train_loop` (safetensors, no pickle)."""
-    tensors, _ = load_tensors(folder / EDITOR_TENSORS)
-    editor.load_state_dict(tensors)
-    return editor.eval()
-
-
-def lr_warmup_linear(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warm-up then linear decay to zero (KE's schedule)."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
 def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator for an editor's seeded initialisation (the same on every device)."""
     return torch.Generator().manual_seed(seed)
 
 
@@ -559,29 +311,28 @@ EditorObjective = Callable[[Sequence["EditRecord"], RecordBatch, dict[str, Gradi
 def train_gradient_editor(handle: ModelHandle, method: EditMethod, editor: nn.Module,
                           optimizer: torch.optim.Optimizer, objective: EditorObjective, config: dict[str, Any],
                           folder: Path, progress: Callable[[float, str], None],
-                          lr_at: Callable[[int], float] | None = None) -> dict[str, Any]:
+                          lr_at: LrSchedule | None = None) -> dict[str, Any]:
     """The training run MEND and KE share: seeded batches of training edit records, the gradient
-    factors of the edit loss at the editor's weights (``editor.weight_names``), the method's
-    ``objective``, a finite-loss guard and gradient clipping, the resumable :func:`train_loop`;
-    then the editor's figures on held-out records (the report)."""
+    factors of the edit loss at the editor's weights (``editor.weight_names``) and the method's
+    ``objective``, run by :func:`editing.training.train_loop` (finite-loss guard, gradient
+    clipping, resumable checkpoints); then the editor's figures on held-out records (the report)."""
     records = training_records(config, "train")
     # Neighbours are kept unchanged by the locality term: only those of the training memory, as
     # the records' own locality facts (editing.train.edit_records), never facts evaluation probes.
     memory = [r for r in records if in_training_memory(r.request.subject)]
     neighbours = neighbour_facts(records, config["n_neighbours"], pool=memory)
 
-    def step(index: int) -> dict[str, float]:
+    def step(index: int) -> tuple[torch.Tensor, dict[str, float]]:
         indices = batch_indices(len(records), config["batch_size"], config["seed"], index)
         chosen = [records[i] for i in indices]
         batch = record_batch(handle, chosen, config["n_paraphrases"], [neighbours[i] for i in indices])
         factors, _ = gradient_factors(handle, editor.weight_names, batch.edit)
-        loss, figures = objective(chosen, batch, factors)
-        finite_or_raise(loss, f"{method.name}'s training loss").backward()
-        torch.nn.utils.clip_grad_norm_(editor.parameters(), config["grad_clip"])
-        return figures
+        return objective(chosen, batch, factors)
 
-    result = train_loop(editor, optimizer, step, config["steps"], folder, progress, handle.lock,
-                        checkpoint_every=config["checkpoint_every"], log_every=config["log_every"], lr_at=lr_at)
+    result = train_loop(editor, optimizer, step, config["steps"], folder, progress, part=EDITOR_PART,
+                        what=f"{method.name}'s training loss", lock=handle.lock,
+                        checkpoint_every=config["checkpoint_every"], log_every=config["log_every"], lr_at=lr_at,
+                        grad_clip=config["grad_clip"])
     result["n_train_records"] = len(records)
     heldout = training_records(config, "heldout")[: config["n_eval"]]
     result["heldout"] = evaluate_editor(handle, method, heldout, {"checkpoint": str(folder)},
@@ -635,13 +386,6 @@ def evaluate_editor(handle: ModelHandle, method: EditMethod, records: Sequence[E
     return result
 
 
-def finite_or_raise(tensor: torch.Tensor, what: str) -> torch.Tensor:
-    """Guard a training step against NaN/inf losses (a diverged editor must not be saved)."""
-    if not math.isfinite(float(tensor.detach())):
-        raise FloatingPointError(f"{what} became {float(tensor.detach())}; lower the learning rate.")
-    return tensor
-
-
 # ---------------------------------------------------------------------------------------------
 # Trained editors on disk, and the readiness of methods that need one
 # ---------------------------------------------------------------------------------------------
@@ -654,7 +398,7 @@ def load_trained_editor(folder: Path, build: Callable[[dict[str, Any]], nn.Modul
     key = (str(folder.resolve()), (folder / EDITOR_TENSORS).stat().st_mtime_ns)
     if key not in _EDITORS:
         config = checkpoint_config(folder)
-        _EDITORS[key] = (load_editor_weights(build(config), folder), config)
+        _EDITORS[key] = (load_trained(build(config), folder, EDITOR_PART), config)
     return _EDITORS[key]
 
 

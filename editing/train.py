@@ -29,6 +29,7 @@ from editing.files import atomic_write_text
 from editing.patching import in_training_memory
 from editing.paths import cache_dir
 from editing.request import EditRequest
+from editing.training import CHECKPOINT_FORMAT
 
 if TYPE_CHECKING:
     from editing.models import ModelHandle
@@ -185,8 +186,8 @@ RECORDS_VERSION = 2
 
 def checkpoint_dir(handle: ModelHandle, method: str, config: dict[str, Any]) -> Path:
     """Cache folder of ``method``'s editor for this model and config (and data file contents,
-    and :data:`RECORDS_VERSION`)."""
-    parts: list[Any] = [handle.fingerprint(), method, config, RECORDS_VERSION]
+    :data:`RECORDS_VERSION` and the checkpoint layout's :data:`editing.training.CHECKPOINT_FORMAT`)."""
+    parts: list[Any] = [handle.fingerprint(), method, config, RECORDS_VERSION, CHECKPOINT_FORMAT]
     data = config.get("data")
     if data and Path(data).is_file():  # a changed data file must not find the old editor
         parts.append(hashlib.sha256(Path(data).read_bytes()).hexdigest())
@@ -209,7 +210,8 @@ REPORT_FILE = "report.json"
 def save_editor_meta(folder: Path, handle: ModelHandle, method: str, config: dict[str, Any]) -> None:
     """Record which model, method and config a checkpoint folder belongs to (checked before use)."""
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"method": method, "model": handle.fingerprint(), "config": config, "records": RECORDS_VERSION}
+    meta = {"method": method, "model": handle.fingerprint(), "config": config, "records": RECORDS_VERSION,
+            "format": CHECKPOINT_FORMAT}
     atomic_write_text(folder / EDITOR_META, json.dumps(meta, indent=1, sort_keys=True, default=str))
 
 
@@ -239,6 +241,9 @@ def checkpoint_problem(handle: ModelHandle, method: str, folder: Path,
         return f"{meta_path} is not a checkpoint record; train the editor again."
     if meta.get("method") != method:
         return f"{folder} holds a {meta.get('method')} editor, not a {method} one."
+    if meta.get("format", 1) != CHECKPOINT_FORMAT:  # its files are laid out otherwise: never misread them
+        return (f"{folder} holds a {method} editor saved in checkpoint format {meta.get('format', 1)}, which this "
+                f"version no longer reads (format {CHECKPOINT_FORMAT}); train the editor again.")
     if meta.get("model") != handle.fingerprint():
         return (f"The editor in {folder} was trained for {meta.get('model')}, "
                 f"not for the loaded model {handle.fingerprint()}.")

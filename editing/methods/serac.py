@@ -34,10 +34,8 @@ edit over every active SERAC edit — the same argmax the paper takes over its s
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,49 +43,54 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from editing.edit import EditError, InferenceWrapper, Route, handle_stack, register_edit_type
 from editing.embeddings import SentenceEncoder, resolve_encoder_kind, sentence_encoder
 from editing.factbase import FactBase, load_factbase
-from editing.files import atomic_path, atomic_write_text
 from editing.learned import TrainedEditorMixin
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.methods.checks import CHECKPOINT, FieldCheck, Number
-from editing.patching import in_training_memory, relation_of
+from editing.methods.serac_data import (
+    ScopeExample,
+    classifier_text,
+    counterfactual_examples,
+    counterfactual_prompt,
+    edit_statement,
+    scope_examples,
+    training_records,
+)
 from editing.request import EditRequest
 from editing.scoring import score_targets
-from editing.tokens import encode, pad_batch, pad_id, target_ids
+from editing.tokens import pad_batch, pad_id
 from editing.train import REPORT_FILE, EditRecord, Trainer, checkpoint_config, edit_records, register_trainer
+from editing.training import (
+    is_trained,
+    load_into,
+    load_trained,
+    lr_warmup_times_decay,
+    part_file,
+    train_loop,
+    trained_tensors,
+)
 
 if TYPE_CHECKING:
     from editing.models import ModelHandle
 
+__all__ = [  # with the data builders of editing.methods.serac_data, re-exported for older imports
+    "CLASSIFIER_FILE", "CLASSIFIER_PART", "COUNTERFACTUAL_FILE", "COUNTERFACTUAL_PART", "SERAC", "ScopeClassifier",
+    "ScopeExample", "SeracEdit", "SeracEditor", "SeracHParams", "SeracRoute", "classifier_loss", "classifier_text",
+    "counterfactual_examples", "counterfactual_prompt", "default_config", "edit_statement", "evaluate_editor",
+    "load_counterfactual", "scope_examples", "serac_editor", "train_classifier", "train_counterfactual",
+    "train_serac", "training_records",
+]
+
 METHOD = "SERAC"
-CLASSIFIER_FILE = "classifier.safetensors"
-COUNTERFACTUAL_DIR = "counterfactual"
-OPTIMIZER_FILE = "optimizer.safetensors"
-PROGRESS_FILE = "progress.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-# ---------------------------------------------------------------------------------------------
-# Texts the classifier and the counterfactual model read
-# ---------------------------------------------------------------------------------------------
-def classifier_text(request: EditRequest) -> str:
-    """What the scope classifier compares queries with: the edit's filled prompt. As in the
-    reference implementation for decoder models, the label is left out of the classifier input."""
-    return request.text
-
-
-def edit_statement(request: EditRequest) -> str:
-    """The context the counterfactual model reads before a query: the edit as a sentence."""
-    return f"{request.text} {request.target_new} ."
-
-
-def counterfactual_prompt(request: EditRequest, query: str) -> str:
-    return f"{edit_statement(request)} {query}"
+#: the two trained parts of a SERAC checkpoint folder (:mod:`editing.training`'s layout)
+CLASSIFIER_PART = "classifier"
+COUNTERFACTUAL_PART = "counterfactual"
+CLASSIFIER_FILE = f"{CLASSIFIER_PART}.safetensors"
+COUNTERFACTUAL_FILE = f"{COUNTERFACTUAL_PART}.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,75 +130,6 @@ def classifier_loss(log_sim: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# Training data
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ScopeExample:
-    """One edit with the queries it must cover and the queries it must leave alone.
-
-    Each query carries its fact key (subject, relation), which decides in-scope-ness for every
-    edit of a batch, not only its own.
-    """
-
-    edit_text: str
-    key: tuple[str, str]
-    queries: tuple[tuple[str, tuple[str, str]], ...]
-
-
-def _template_relations(factbase: FactBase) -> dict[str, str]:
-    out = {}
-    for rel in factbase.relations.values():
-        for template in rel.train_templates + rel.heldout_templates:
-            out[template] = rel.id
-    return out
-
-
-def scope_examples(records: list[EditRecord], factbase: FactBase, seed: int,
-                   hard_negatives: int = 2) -> list[ScopeExample]:
-    """Classifier training data: per record its positives (edit prompt, paraphrases) and negatives.
-
-    Besides the records' locality prompts, ``hard_negatives`` same-relation prompts about other
-    subjects and as many prompts about the same subject under other relations are added: an
-    embedding of "The capital of France is" lies close to both, and both must stay out of scope.
-    Negatives use only subjects of ``records``, so held-out subjects stay unseen.
-    """
-    rng = random.Random(seed)
-    by_template = _template_relations(factbase)
-    # Locality prompts are facts filled into a relation's first training template.
-    filled_keys = {factbase.relations[f.relation].train_templates[0].replace("{}", f.subject): (f.subject, f.relation)
-                   for f in factbase.facts}
-    subjects = {r.request.subject for r in records}
-    facts = [f for f in factbase.facts if f.subject in subjects]
-    by_relation: dict[str, list] = {}
-    by_subject: dict[str, list] = {}
-    for fact in facts:
-        by_relation.setdefault(fact.relation, []).append(fact)
-        by_subject.setdefault(fact.subject, []).append(fact)
-
-    def filled(fact) -> tuple[str, tuple[str, str]]:
-        template = rng.choice(factbase.relations[fact.relation].train_templates)
-        return template.replace("{}", fact.subject), (fact.subject, fact.relation)
-
-    examples = []
-    for record in records:
-        request = record.request
-        relation = by_template.get(request.prompt)
-        if relation is None:
-            continue
-        key = (request.subject, relation)
-        queries = [(request.text, key), *((p, key) for p in record.paraphrases)]
-        for prompt, _answer in record.locality:
-            queries.append((prompt, filled_keys.get(prompt, ("", ""))))
-        neighbours = [f for f in by_relation.get(relation, []) if f.subject != request.subject]
-        siblings = [f for f in by_subject.get(request.subject, []) if f.relation != relation]
-        for pool in (neighbours, siblings):
-            for fact in rng.sample(pool, min(hard_negatives, len(pool))):
-                queries.append(filled(fact))
-        examples.append(ScopeExample(classifier_text(request), key, tuple(queries)))
-    return examples
-
-
-# ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
 def default_config(handle: ModelHandle) -> dict[str, Any]:
@@ -220,24 +154,10 @@ def default_config(handle: ModelHandle) -> dict[str, Any]:
     }
 
 
-def training_records(config: dict[str, Any]) -> list[EditRecord]:
-    """The edit records SERAC trains on: training-split edits of training-memory subjects only
-    (:func:`editing.patching.in_training_memory`), the first ``n_records`` of them (0: all).
-
-    The classifier learns every fact these records mention (edits, paraphrases, locality facts,
-    hard negatives) as in or out of some edit's scope; had it seen the probe-side subjects, where
-    :mod:`eval.probes` draws neighbours and unrelated facts, its out-of-scope figures would be
-    measured on its training data (before: 127 of 145 neighbour probes of 30 held-out cases were
-    about training subjects). Held-out subjects are in no training record either.
-    """
-    records = [r for r in edit_records("train", seed=int(config["seed"])) if in_training_memory(r.request.subject)]
-    n = int(config.get("n_records") or 0)
-    return records[:n] if n > 0 else records
-
-
 def train_classifier(encoder: SentenceEncoder, examples: list[ScopeExample], config: dict[str, Any],
-                     progress: ProgressFn) -> ScopeClassifier:
-    """Fit the projection and scale of the scope classifier on in-batch (query, edit) pairs."""
+                     progress: ProgressFn, folder: Path) -> ScopeClassifier:
+    """Fit the projection and scale of the scope classifier on in-batch (query, edit) pairs; it is
+    saved as the ``classifier`` part of ``folder`` (no intermediate checkpoints: it takes seconds)."""
     seed = int(config["seed"])
     texts = list(dict.fromkeys([e.edit_text for e in examples] + [q for e in examples for q, _ in e.queries]))
     progress(0.02, f"SERAC: embedding {len(texts)} classifier texts")
@@ -247,66 +167,20 @@ def train_classifier(encoder: SentenceEncoder, examples: list[ScopeExample], con
     classifier = ScopeClassifier(vectors.shape[1])
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=float(config["classifier_lr"]), weight_decay=0.0)
     steps, batch_size = int(config["classifier_steps"]), int(config["classifier_batch"])
-    for step in range(steps):
-        batch = random.Random(f"{seed}-cls-{step}").sample(examples, min(batch_size, len(examples)))
+
+    def step(index: int) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = random.Random(f"{seed}-cls-{index}").sample(examples, min(batch_size, len(examples)))
         queries = list(dict.fromkeys(q for e in batch for q in e.queries))
         labels = torch.tensor([[float(key == e.key) for e in batch] for _text, key in queries])
         log_sim = classifier.log_similarity(vectors[[row[q] for q, _ in queries]],
                                             vectors[[row[e.edit_text] for e in batch]])
         loss = classifier_loss(log_sim, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % max(1, steps // 10) == 0:
-            progress(0.05 + 0.15 * step / steps, f"SERAC: classifier step {step}/{steps}, loss {loss.item():.3f}")
-    return classifier.eval()
+        return loss, {"loss": loss.item()}
 
-
-def _save_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1))
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for index, state in optimizer.state_dict()["state"].items():
-        for name, value in state.items():
-            out[f"{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    return out
-
-
-def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-
-
-def counterfactual_examples(handle: ModelHandle, records: list[EditRecord], factbase: FactBase, seed: int,
-                            targets_per_query: int = 1) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, target ids) of ``"{edit statement} {in-scope query}" → new target``.
-
-    With ``targets_per_query`` > 1 each (edit, query) pair is repeated with other new targets of the
-    same relation. Without it the model can get by memorising the training edits' targets and then
-    ignores the context on unseen edits; with it, only reading the edit from the context works.
-    """
-    rng = random.Random(f"{seed}-targets")
-    tok = handle.tokenizer
-    out = []
-    for record in records:
-        request = record.request
-        relation = relation_of(request, factbase)
-        candidates = [o for o in (factbase.objects_of(relation.id) if relation else [])
-                      if o not in (request.target_new, request.target_true)]
-        targets = [request.target_new, *rng.sample(candidates, min(targets_per_query - 1, len(candidates)))]
-        for target in targets:
-            variant = EditRequest(request.prompt, request.subject, target, request.target_true)
-            for query in (request.text, *record.paraphrases):
-                prompt = counterfactual_prompt(variant, query)
-                ids, tgt = encode(tok, prompt), target_ids(tok, prompt, target)
-                if len(ids) + len(tgt) <= handle.max_length:
-                    out.append((ids, tgt))
-    return out
+    train_loop(classifier, optimizer, step, steps, folder, progress, part=CLASSIFIER_PART,
+               what="SERAC's classifier loss", checkpoint_every=0, log_every=max(1, steps // 10),
+               label="SERAC: classifier ", span=(0.05, 0.2))
+    return classifier
 
 
 def _answer_loss(model: nn.Module, examples: list[tuple[list[int], list[int]]], pad: int,
@@ -345,9 +219,7 @@ def _fresh_copy(handle: ModelHandle) -> nn.Module:
 
 def load_counterfactual(handle: ModelHandle, folder: Path, dtype: torch.dtype) -> nn.Module:
     """The counterfactual model saved in ``folder`` (base model's architecture), on the base's device."""
-    model = _empty_like_base(handle, dtype)
-    load_model(model, str(folder / WEIGHTS_FILE))
-    return model.to(handle.device)
+    return load_trained(_empty_like_base(handle, dtype), folder, COUNTERFACTUAL_PART).to(handle.device)
 
 
 def train_counterfactual(handle: ModelHandle, records: list[EditRecord], config: dict[str, Any],
@@ -355,58 +227,30 @@ def train_counterfactual(handle: ModelHandle, records: list[EditRecord], config:
     """Fine-tune a copy of the base model to answer in-scope queries from the edit in its context.
 
     Checkpoints (weights, AdamW moments, step) are written every ``save_every`` steps and training
-    resumes from them; every step draws its batch from a generator seeded by (seed, step), so a
-    resumed run gives the same weights as an uninterrupted one.
+    resumes from them; every step draws its batch and its dropout masks from generators seeded by
+    (seed, step), so a resumed run gives the same weights as an uninterrupted one.
     """
     seed, steps = int(config["seed"]), int(config["cf_steps"])
     batch_size, base_lr, warmup = int(config["cf_batch"]), float(config["cf_lr"]), int(config["cf_warmup"])
     examples = counterfactual_examples(handle, records, load_factbase(), seed, int(config["cf_targets_per_query"]))
     if not examples:
         raise EditError("No counterfactual training examples fit the model's context.")
-    target = folder / COUNTERFACTUAL_DIR
-    start = 0
-    if (target / PROGRESS_FILE).exists():
-        model = load_counterfactual(handle, target, torch.float32)
-        start = int(json.loads((target / PROGRESS_FILE).read_text())["step"])
-    else:
-        model = _fresh_copy(handle)
+    model = _fresh_copy(handle)
     optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=0.0)
-    if start and (target / OPTIMIZER_FILE).exists():
-        _load_optimizer_tensors(optimizer, load_file(str(target / OPTIMIZER_FILE), device=str(handle.device)))
     pad = pad_id(handle.tokenizer)
-    model.train()
-    for param in model.parameters():
-        param.requires_grad_(True)
+    model.requires_grad_(True)
 
-    def save(step: int) -> None:
-        tmp = folder / (COUNTERFACTUAL_DIR + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_model(model, str(tmp / WEIGHTS_FILE))  # drops tied duplicates (GPT-2's lm_head)
-        save_file(_optimizer_tensors(optimizer), str(tmp / OPTIMIZER_FILE))
-        _save_json(tmp / PROGRESS_FILE, {"step": step, "steps": steps})
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-
-    for step in range(start, steps):
-        for group in optimizer.param_groups:  # linear warm-up, then linear decay (stateless: resumable)
-            group["lr"] = base_lr * min(1.0, (step + 1) / max(1, warmup)) * (1.0 - step / steps)
-        torch.manual_seed(seed * 100_003 + step)  # dropout masks, where the model has dropout
-        batch = random.Random(f"{seed}-cf-{step}").sample(examples, min(batch_size, len(examples)))
+    def step(index: int) -> tuple[torch.Tensor, dict[str, float]]:
+        torch.manual_seed(seed * 100_003 + index)  # dropout masks, where the model has dropout
+        batch = random.Random(f"{seed}-cf-{index}").sample(examples, min(batch_size, len(examples)))
         loss = _answer_loss(model, batch, pad, handle.device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if (step + 1) % int(config["save_every"]) == 0 or step + 1 == steps:
-            save(step + 1)
-        if step % max(1, steps // 25) == 0:
-            progress(0.2 + 0.7 * step / steps, f"SERAC: counterfactual model step {step}/{steps}, "
-                                                f"loss {loss.item():.3f}")
-    model.eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model
+        return loss, {"loss": loss.item()}
+
+    train_loop(model, optimizer, step, steps, folder, progress, part=COUNTERFACTUAL_PART,
+               what="SERAC's counterfactual-model loss", checkpoint_every=int(config["save_every"]),
+               log_every=max(1, steps // 25), lr_at=lr_warmup_times_decay(warmup, steps), grad_clip=1.0,
+               label="SERAC: counterfactual model ", span=(0.2, 0.9))
+    return model.requires_grad_(False)
 
 
 def train_serac(handle: ModelHandle, config: dict[str, Any], folder: Path, progress: ProgressFn) -> dict[str, Any]:
@@ -415,15 +259,12 @@ def train_serac(handle: ModelHandle, config: dict[str, Any], folder: Path, progr
     factbase = load_factbase()
     records = training_records(config)
     encoder = sentence_encoder(handle, config["encoder"])
-    if (folder / CLASSIFIER_FILE).exists():
+    if is_trained(folder, CLASSIFIER_PART):  # its examples and their embeddings are not needed again
         progress(0.2, "SERAC: scope classifier found, resuming")
     else:
         examples = scope_examples(records, factbase, int(config["seed"]), int(config["hard_negatives"]))
-        classifier = train_classifier(encoder, examples, config, progress)
-        with atomic_path(folder / CLASSIFIER_FILE) as tmp:
-            save_file({k: v.detach().contiguous() for k, v in classifier.state_dict().items()}, str(tmp))
+        train_classifier(encoder, examples, config, progress, folder)
     train_counterfactual(handle, records, config, folder, progress)
-    (folder / COUNTERFACTUAL_DIR / OPTIMIZER_FILE).unlink(missing_ok=True)  # resume state, no longer needed
     progress(0.92, "SERAC: checking on held-out edits")
     editor = SeracEditor.load(handle, folder, config["encoder"])
     report = {"encoder": encoder.name, "n_train_records": len(records),
@@ -481,11 +322,11 @@ class SeracEditor:
         from editing.models import handle_from_model
 
         encoder = sentence_encoder(handle, encoder_kind)
-        state = load_file(str(folder / CLASSIFIER_FILE))
+        state, _meta = trained_tensors(folder, CLASSIFIER_PART)
         classifier = ScopeClassifier(state["proj.weight"].shape[1])
-        classifier.load_state_dict(state)
+        load_into(classifier, state, part_file(folder, CLASSIFIER_PART))
         classifier.eval().requires_grad_(False)
-        model = load_counterfactual(handle, folder / COUNTERFACTUAL_DIR, handle.dtype)
+        model = load_counterfactual(handle, folder, handle.dtype)
         counterfactual = handle_from_model(model, handle.tokenizer, name=f"{handle.name} (SERAC counterfactual)")
         return cls(classifier, encoder, counterfactual)
 
@@ -500,7 +341,7 @@ def serac_editor(handle: ModelHandle, folder: str | Path, encoder_kind: str) -> 
     with _EDITORS_LOCK:
         editor = _EDITORS.get(key)
         if editor is None:
-            if not (Path(folder) / CLASSIFIER_FILE).exists():
+            if not is_trained(Path(folder), CLASSIFIER_PART):
                 raise EditError(f"SERAC's trained editor is missing at {folder}; train it with "
                                 f"`python -m editing.train SERAC --model {handle.name}`.")
             editor = _EDITORS[key] = SeracEditor.load(handle, Path(folder), encoder_kind)

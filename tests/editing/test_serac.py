@@ -12,8 +12,7 @@ from editing.methods import get_method
 from editing.methods.ike import IkeRoute
 from editing.methods.serac import (
     CLASSIFIER_FILE,
-    COUNTERFACTUAL_DIR,
-    WEIGHTS_FILE,
+    COUNTERFACTUAL_FILE,
     ScopeClassifier,
     SeracEdit,
     SeracRoute,
@@ -36,7 +35,7 @@ SMALL = {"n_records": 24, "classifier_steps": 8, "classifier_batch": 12, "cf_ste
 
 def checkpoint_tensors(folder) -> dict[str, torch.Tensor]:
     tensors = {f"cls.{k}": v for k, v in load_file(str(folder / CLASSIFIER_FILE)).items()}
-    tensors.update({f"cf.{k}": v for k, v in load_file(str(folder / COUNTERFACTUAL_DIR / WEIGHTS_FILE)).items()})
+    tensors.update({f"cf.{k}": v for k, v in load_file(str(folder / COUNTERFACTUAL_FILE)).items()})
     return tensors
 
 
@@ -85,8 +84,8 @@ def test_training_is_deterministic_and_resumes_where_it_stopped(tmp_path, monkey
 
     def interrupt(_fraction: float, message: str) -> None:
         messages.append(message)
-        if "model step 3/" in message:
-            raise KeyboardInterrupt  # as if the process were stopped half-way
+        if "model step 4/" in message:
+            raise KeyboardInterrupt  # as if the process were stopped half-way, after the step-4 checkpoint
 
     with pytest.raises(KeyboardInterrupt):
         train_editor(handle, "SERAC", SMALL, interrupt)
@@ -94,7 +93,7 @@ def test_training_is_deterministic_and_resumes_where_it_stopped(tmp_path, monkey
     folder2, _report = train_editor(handle, "SERAC", SMALL, lambda _f, m: messages.append(m))
     assert any("resuming" in m for m in messages)
     steps_run = [int(m.split("step ")[1].split("/")[0]) for m in messages if "model step" in m]
-    assert steps_run and min(steps_run) >= 4  # picked up at the step-4 checkpoint
+    assert steps_run and min(steps_run) >= 5  # picked up at the step-4 checkpoint
     second = checkpoint_tensors(folder2)
     assert first.keys() == second.keys()
     for name, tensor in first.items():

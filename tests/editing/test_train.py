@@ -291,3 +291,25 @@ def test_readiness_follows_the_chosen_checkpoint(fresh_cache):
     assert method.readiness(handle, {"checkpoint": str(folder)}) is None
     assert method.readiness(handle, method.default_hparams(handle).replace(checkpoint=str(folder))) is None
     assert "holds no finished KE editor" in method.readiness(handle, {"checkpoint": str(fresh_cache)})
+
+
+def test_every_learned_part_uses_one_checkpoint_format_and_older_ones_are_refused(fresh_cache, monkeypatch):
+    import editing.train
+    from editing.tiny import tiny_model
+    from editing.training import CHECKPOINT_FORMAT
+    from editing.training import load_tensors as load_part
+
+    handle = tiny_model("gpt2")
+    folder, _ = train_editor(handle, "MEND", {"steps": 2, "batch_size": 2, "n_eval": 0, "checkpoint_every": 1})
+    assert load_part(folder / EDITOR_TENSORS)[1]["format"] == str(CHECKPOINT_FORMAT)
+    assert not list(folder.glob("*.state.*"))  # the resume state goes once the part is trained
+    method = get_method("MEND")
+    assert method.readiness(handle, {"checkpoint": str(folder)}) is None
+    meta = json.loads((folder / "editor.json").read_text())
+    del meta["format"]  # as written before the one format
+    (folder / "editor.json").write_text(json.dumps(meta))
+    assert "checkpoint format 1" in method.readiness(handle, {"checkpoint": str(folder)})
+    config = {**TRAINERS["MEND"].default_config(handle), "steps": 2}
+    key = checkpoint_dir(handle, "MEND", config)
+    monkeypatch.setattr(editing.train, "CHECKPOINT_FORMAT", CHECKPOINT_FORMAT + 1)
+    assert checkpoint_dir(handle, "MEND", config) != key  # another format: another cache folder

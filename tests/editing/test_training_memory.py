@@ -127,7 +127,7 @@ def test_serac_trains_on_no_subject_or_prompt_of_a_held_out_case(monkeypatch, tm
         seen["records"] = records
         return build_examples(records, *args, **kwargs)
 
-    def stop(_encoder, built, _config, _progress):
+    def stop(_encoder, built, *_rest):
         seen["examples"] = built
         raise _Caught
 
