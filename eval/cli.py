@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--mode", choices=MODES, default="single")
     run.add_argument("--n", type=_at_least_one, default=None, help="number of cases (default: all)")
     run.add_argument("--batch-size", type=_at_least_one, default=1, help="edits per call in batch mode")
-    run.add_argument("--hparams", default=None, help='hyper-parameter overrides as JSON, e.g. \'{"layer": 1}\'')
+    run.add_argument("--hparams", default=None,
+                     help='hyper-parameter overrides as JSON, e.g. \'{"layer": 1}\', or @FILE to read the JSON '
+                          "object from a file (a preset file's \"hparams\" object is taken as is)")
     run.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     run.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (GPU only)")
     run.add_argument("--seed", type=int, default=0, help="seed of the demo cases")
@@ -133,6 +135,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _hparams_arg(text: str) -> dict[str, Any]:
+    """``--hparams``: inline JSON, or ``@path`` to a JSON file holding the object — or a whole preset
+    file (editing/methods/presets), whose ``"hparams"`` are taken, so a preset can be tried as is."""
+    source = "--hparams"
+    if text.startswith("@"):
+        path = Path(text[1:]).expanduser()
+        source = f"--hparams file {path}"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ValueError(f"{source}: cannot read it ({err.strerror or err}).") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source} is not valid JSON ({err}).") from None
+    if isinstance(value, dict) and "applies_to" in value and isinstance(value.get("hparams"), dict):
+        value = value["hparams"]
+    if not isinstance(value, dict):
+        raise ValueError(f"{source} must be a JSON object.")
+    return value
+
+
 def _print_table(frame: pd.DataFrame) -> None:
     with pd.option_context("display.max_rows", 200, "display.max_columns", 30, "display.width", 160,
                            "display.float_format", "{:.3f}".format):
@@ -146,9 +170,7 @@ def _run(args: argparse.Namespace) -> int:
     from eval.datasets import load_dataset
     from eval.runs import run_experiment
 
-    hparams: dict[str, Any] | None = json.loads(args.hparams) if args.hparams else None
-    if hparams is not None and not isinstance(hparams, dict):
-        raise ValueError("--hparams must be a JSON object.")
+    hparams = _hparams_arg(args.hparams) if args.hparams else None
     cases = load_dataset(args.data, fmt=args.fmt, limit=args.n, seed=args.seed)
     # a first use says what it waits for: a build or conversion, or another process's
     handle = load_model(args.model, device=args.device, dtype=args.dtype,

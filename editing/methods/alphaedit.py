@@ -48,6 +48,7 @@ d_ff = 14,336, 2.15 GB for GPT-J's 16,384; table in :mod:`editing.stats`):
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -58,14 +59,12 @@ from editing.edit import Edit, ParamDelta, WeightDelta, handle_stack, register_e
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.methods.checks import POSITIVE, FieldCheck, Flag
 from editing.methods.memit import (
-    MEMIT_PRESETS,
     MEMITHyperParams,
     compute_memit_update,
     memit_info,
     memit_layers,
     shallow_settings,
 )
-from editing.methods.rome import model_key
 from editing.stats import corpus_defaults, fits_on, second_moments
 
 if TYPE_CHECKING:
@@ -94,14 +93,15 @@ class AlphaEditHyperParams(MEMITHyperParams):
         "protect_prompt_keys": Flag(),
     }
 
+    #: its own presets first, then MEMIT's (the reference runs AlphaEdit with MEMIT's layers and λ)
+    preset_names: ClassVar[tuple[str, ...]] = ("AlphaEdit", "MEMIT")
+
     @classmethod
-    def for_model(cls, handle: ModelHandle) -> AlphaEditHyperParams:
-        """The reference presets (GPT-2 XL, GPT-J: MEMIT's layers and settings); elsewhere MEMIT's
-        depth-scaled range."""
+    def model_defaults(cls, handle: ModelHandle, preset: Mapping[str, Any]) -> AlphaEditHyperParams:
+        """MEMIT's depth-scaled range (and MEMIT's default λ) for deep models, with a smaller ridge
+        for shallow ones. GPT-2 XL and GPT-J take MEMIT's reference layers and λ from its preset
+        files (presets/MEMIT/)."""
         corpus = corpus_defaults(handle)  # real prose for real models, the bundled corpus for the demo
-        preset = MEMIT_PRESETS.get(model_key(handle))
-        if preset is not None:
-            return cls(**preset, **corpus)
         shallow = shallow_settings(handle)
         settings = shallow | corpus
         if shallow:

@@ -19,6 +19,7 @@ from editing.methods.checks import FieldCheck, InvalidHParams, check_fields, fro
 from editing.request import EditRequest, InvalidEditRequest
 
 if TYPE_CHECKING:
+    from editing.methods.presets import Preset
     from editing.models import ModelHandle
 
 #: progress(fraction done in [0, 1], what is happening)
@@ -29,6 +30,14 @@ H = TypeVar("H", bound="HParams")
 
 def no_progress(_fraction: float, _message: str) -> None:
     """A progress callback that ignores reports."""
+
+
+def find_preset(cls: type[HParams], handle: ModelHandle) -> Preset | None:
+    """The preset file that applies to ``handle``'s model for ``cls`` (:mod:`editing.methods.presets`)."""
+    # imported on first use: importing the core machinery loads no module beyond base and checks
+    from editing.methods.presets import find_preset as find
+
+    return find(cls, handle)
 
 
 @dataclasses.dataclass
@@ -42,10 +51,24 @@ class HParams:
     """
 
     checks: ClassVar[dict[str, FieldCheck]] = {}
+    #: the method folders whose preset files apply to this class, searched in order (see
+    #: :mod:`editing.methods.presets`); :func:`register` fills in the method's own name when a class
+    #: does not set it
+    preset_names: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def for_model(cls: type[H], handle: ModelHandle) -> H:
-        """Defaults for ``handle``'s model (subclasses derive layers from depth)."""
+        """Defaults for ``handle``'s model: :meth:`model_defaults` with the model's preset file, if
+        one applies, laid over them (:mod:`editing.methods.presets`)."""
+        preset = find_preset(cls, handle)
+        params = cls.model_defaults(handle, preset.hparams if preset is not None else {})
+        return preset.apply(params, handle) if preset is not None else params
+
+    @classmethod
+    def model_defaults(cls: type[H], handle: ModelHandle, preset: Mapping[str, Any]) -> H:
+        """Defaults derived from the model by rule (layers from depth, ...). ``preset`` holds the
+        values the model's preset file sets, which replace these afterwards: a subclass may skip
+        deriving a field the preset sets when that is costly."""
         return cls()
 
     @classmethod
@@ -244,6 +267,9 @@ def register(cls: type[EditMethod]) -> type[EditMethod]:
     if cls.name in METHODS:
         raise ValueError(f"Method {cls.name!r} registered twice.")
     METHODS[cls.name] = cls
+    hparams_class = getattr(cls, "hparams_class", None)
+    if isinstance(hparams_class, type) and "preset_names" not in vars(hparams_class):
+        hparams_class.preset_names = (cls.name,)  # its presets lie in presets/<method name>/
     return cls
 
 

@@ -35,7 +35,7 @@ hooked model. Differences, said plainly:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -153,7 +153,7 @@ class CaliNETHParams(HParams):
     }
 
     @classmethod
-    def for_model(cls, handle: ModelHandle) -> CaliNETHParams:
+    def model_defaults(cls, handle: ModelHandle, preset: Mapping[str, Any]) -> CaliNETHParams:
         """The paper calibrates the last layer's FFN."""
         return cls(layers=(handle.n_layers - 1,))
 

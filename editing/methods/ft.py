@@ -32,9 +32,9 @@ the stored delta lies in ``[-ε, ε]`` bit for bit.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch.func import functional_call
@@ -95,20 +95,12 @@ class FTHParams(HParams):
 
     #: where the tuned layer sits, as a fraction of the depth
     layer_fraction: ClassVar[float] = 0.5
+    preset_names: ClassVar[tuple[str, ...]] = ("FT",)
 
     @classmethod
-    def for_model(cls, handle: ModelHandle) -> FTHParams:
+    def model_defaults(cls, handle: ModelHandle, preset: Mapping[str, Any]) -> FTHParams:
         """Defaults for ``handle``: one layer at ``layer_fraction`` of the depth."""
         return cls(layers=(scaled_layer(handle.n_layers, cls.layer_fraction),))
-
-
-#: ROME's FT-L settings for its reference models, keyed by (family, layers, d_model): (ε, lr)
-ROME_FT_L_PRESETS: dict[tuple[str, int, int], tuple[float, float]] = {
-    ("gpt2", 24, 1024): (2e-3, 5e-4),  # GPT-2 medium
-    ("gpt2", 36, 1280): (1e-3, 5e-4),  # GPT-2 large
-    ("gpt2", 48, 1600): (5e-4, 5e-4),  # GPT-2 XL
-    ("gptj", 28, 4096): (5e-5, 5e-4),  # GPT-J 6B
-}
 
 
 @dataclass
@@ -139,22 +131,21 @@ class FTLHParams(FTHParams):
     layer_fraction: ClassVar[float] = 0.0
     norm_fraction: ClassVar[float] = 0.25
     size_coef: ClassVar[float] = 7.5e5
+    preset_names: ClassVar[tuple[str, ...]] = ("FT-L",)
 
     @classmethod
-    def for_model(cls, handle: ModelHandle) -> FTLHParams:
-        """ROME's preset for its reference models, else ε and lr from the tuned weight's RMS and the
-        model's size (see the class docstring)."""
+    def model_defaults(cls, handle: ModelHandle, preset: Mapping[str, Any]) -> FTLHParams:
+        """ε and lr from the tuned weight's RMS and the model's size (see the class docstring);
+        ROME's reference models (GPT-2 medium, large, XL; GPT-J) take ROME's ε and lr from their
+        preset files (presets/FT-L/)."""
         layer = scaled_layer(handle.n_layers, cls.layer_fraction)
-        preset = ROME_FT_L_PRESETS.get((handle.arch.family, handle.n_layers, handle.d_model))
-        if preset is not None:
-            eps, lr = preset
-        else:
-            weight = handle.arch.mlp_out_weight(handle.model, layer).detach().float()
-            n_params = sum(p.numel() for p in handle.model.parameters())  # tied weights counted once
-            eps = min(cls.norm_fraction * float(weight.pow(2).mean().sqrt()), cls.size_coef / n_params)
-            eps = float(f"{eps:.2g}")
-            lr = eps
-        return cls(layers=(layer,), norm_constraint=eps, lr=lr)
+        if "norm_constraint" in preset and "lr" in preset:
+            return cls(layers=(layer,))  # both are the preset's: no need to read the weights
+        weight = handle.arch.mlp_out_weight(handle.model, layer).detach().float()
+        n_params = sum(p.numel() for p in handle.model.parameters())  # tied weights counted once
+        eps = min(cls.norm_fraction * float(weight.pow(2).mean().sqrt()), cls.size_coef / n_params)
+        eps = float(f"{eps:.2g}")
+        return cls(layers=(layer,), norm_constraint=eps, lr=eps)
 
 
 @dataclass
@@ -162,6 +153,8 @@ class FTMHParams(FTLHParams):
     """FT-M: FT-L's setting with the teacher-forced, prompt-masked ``target_new`` loss."""
 
     objective: str = "target_new"
+    #: its own presets first, then FT-L's (the same ε and lr, EasyEdit's FT-M)
+    preset_names: ClassVar[tuple[str, ...]] = ("FT-M", "FT-L")
 
 
 def tuned_parameter_names(handle: ModelHandle, hparams: FTHParams) -> list[str]:

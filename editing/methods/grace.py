@@ -41,6 +41,7 @@ for GPT2-XL and T5).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -220,7 +221,7 @@ class GRACEHParams(HParams):
     }
 
     @classmethod
-    def for_model(cls, handle: ModelHandle) -> GRACEHParams:
+    def model_defaults(cls, handle: ModelHandle, preset: Mapping[str, Any]) -> GRACEHParams:
         """The layer at GRACE's GPT2-XL depth (35 of 48)."""
         return cls(layer=scaled_layer(handle.n_layers, GRACE_LAYER_FRACTION))
 

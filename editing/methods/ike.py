@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import random
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -176,7 +177,7 @@ class IKEHParams(HParams):
     }
 
     @classmethod
-    def for_model(cls, handle: ModelHandle) -> IKEHParams:
+    def model_defaults(cls, handle: ModelHandle, preset: Mapping[str, Any]) -> IKEHParams:
         if handle.max_length >= SHORT_CONTEXT:
             return cls(k=32 if handle.max_length >= 2048 else 16)
         # Compact: "F . P A . " — three separator tokens per demonstration instead of label words.

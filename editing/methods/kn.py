@@ -45,9 +45,9 @@ Simplifications and choices, also listed in the README:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -104,7 +104,7 @@ class KNHParams(HParams):
     }
 
     @classmethod
-    def for_model(cls, handle: ModelHandle) -> KNHParams:
+    def model_defaults(cls, handle: ModelHandle, preset: Mapping[str, Any]) -> KNHParams:
         """Attribute every layer of ``handle``'s model."""
         return cls(layers=tuple(range(handle.n_layers)))
 

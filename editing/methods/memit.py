@@ -20,8 +20,9 @@ edited at the prompt's last token with λ scaled to ``d_ff`` (:func:`shallow_set
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -37,7 +38,8 @@ from editing.context import MEMIT_LENGTH, MEMIT_STARTS, memit_context_templates
 from editing.edit import Edit, ParamDelta, WeightDelta
 from editing.methods.base import EditMethod, HParams, ProgressFn, register, scaled_layer
 from editing.methods.checks import CONTEXT_TOKENS, LAYERS, POSITIVE, SEED, TEXTS, FieldCheck
-from editing.methods.rome import STATS_CHECKS, VALUE_CHECKS, is_shallow, model_key
+from editing.methods.presets import ModelKey, shipped_presets
+from editing.methods.rome import STATS_CHECKS, VALUE_CHECKS, is_shallow
 from editing.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, corpus_defaults, second_moments
 
 if TYPE_CHECKING:
@@ -47,12 +49,9 @@ if TYPE_CHECKING:
 #: MEMIT's range as fractions of depth: layers 13..17 of GPT-2 XL's 48
 MEMIT_DEPTH_RANGE = (13 / 48, 17 / 48)
 
-#: reference settings for the models MEMIT was published with, keyed by (model_type, n_layers, d_model)
-MEMIT_PRESETS: dict[tuple[str, int, int], dict] = {
-    ("gpt2", 48, 1600): {"layers": [13, 14, 15, 16, 17], "mom2_update_weight": 20000.0},  # gpt2-xl.json
-    ("gptj", 28, 4096): {"layers": [3, 4, 5, 6, 7, 8], "v_num_grad_steps": 25,
-                         "mom2_update_weight": 15000.0},  # EleutherAI_gpt-j-6B.json
-}
+#: reference settings for the models MEMIT was published with (GPT-2 XL, GPT-J), keyed by
+#: (model_type, n_layers, d_model), as shipped in presets/MEMIT/*.json (AlphaEdit uses them too)
+MEMIT_PRESETS: dict[ModelKey, dict[str, Any]] = shipped_presets("MEMIT")
 
 
 def memit_layers(n_layers: int) -> list[int]:
@@ -125,15 +124,15 @@ class MEMITHyperParams(HParams):
         "context_seed": SEED,
     }
 
+    preset_names: ClassVar[tuple[str, ...]] = ("MEMIT",)
+
     @classmethod
-    def for_model(cls, handle: ModelHandle) -> MEMITHyperParams:
-        """The reference preset for GPT-2 XL and GPT-J; elsewhere the depth-scaled range (SmolLM2:
-        layers 8-11 of 30) with λ scaled to d_ff (:func:`deep_lambda`), keyed on the last token with
-        a λ of its own for shallow models (:func:`shallow_settings`)."""
+    def model_defaults(cls, handle: ModelHandle, preset: Mapping[str, Any]) -> MEMITHyperParams:
+        """The depth-scaled range (SmolLM2: layers 8-11 of 30) with λ scaled to d_ff
+        (:func:`deep_lambda`), keyed on the last token with a λ of its own for shallow models
+        (:func:`shallow_settings`). GPT-2 XL and GPT-J take the reference's layers and λ from their
+        preset files (presets/MEMIT/)."""
         corpus = corpus_defaults(handle)  # real prose for real models, the bundled corpus for the demo
-        preset = MEMIT_PRESETS.get(model_key(handle))
-        if preset is not None:
-            return cls(**preset, **corpus)
         settings = shallow_settings(handle) or {"mom2_update_weight": float(deep_lambda(handle))}
         return cls(layers=memit_layers(handle.n_layers), **settings, **corpus)
 

@@ -31,8 +31,9 @@ its facts there (:data:`SHALLOW_MAX_LAYERS`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -63,6 +64,7 @@ from editing.methods.checks import (
     Row,
     Text,
 )
+from editing.methods.presets import ModelKey, shipped_presets
 from editing.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, corpus_defaults, second_moment
 
 if TYPE_CHECKING:
@@ -80,17 +82,10 @@ ROME_DEPTH_FRACTION = 17 / 48
 #: Only the demo model was traced; the bound 6 is a conservative guess for other small models.
 SHALLOW_MAX_LAYERS = 6
 
-#: the reference's settings for the models it was published with, keyed by
-#: (model_type, n_layers, d_model); every other model scales the layer with its depth
-ROME_PRESETS: dict[tuple[str, int, int], dict] = {
-    ("gpt2", 48, 1600): {"layer": 17},  # GPT-2 XL (hparams/ROME/gpt2-xl.json)
-    ("gptj", 28, 4096): {"layer": 5},  # GPT-J 6B (hparams/ROME/EleutherAI_gpt-j-6B.json)
-}
-
-
-def model_key(handle: ModelHandle) -> tuple[str, int, int]:
-    """(model_type, n_layers, d_model): how presets recognise a model."""
-    return handle.model.config.model_type, handle.n_layers, handle.d_model
+#: the reference's settings for the models it was published with (GPT-2 XL, GPT-J), keyed by
+#: (model_type, n_layers, d_model), as shipped in presets/ROME/*.json (a user's preset folder is
+#: read by for_model, not here); every other model scales the layer with its depth
+ROME_PRESETS: dict[ModelKey, dict[str, Any]] = shipped_presets("ROME")
 
 
 #: the target-vector optimisation's settings, shared by ROME, MEMIT and AlphaEdit
@@ -141,19 +136,19 @@ class ROMEHyperParams(HParams):
         "context_seed": SEED,
     }
 
+    preset_names: ClassVar[tuple[str, ...]] = ("ROME",)
+
     @classmethod
-    def for_model(cls, handle: ModelHandle) -> ROMEHyperParams:
-        """The reference preset for GPT-2 XL and GPT-J; the subject's last token at 17/48 of the
-        depth for other deep models (SmolLM2-135M: layer 11 of 30, confirmed by causal tracing,
-        see scripts/smollm2_study.py); the last token at layer 0 for shallow ones (the 4-layer
-        demo model, where causal tracing puts the recall, see :data:`SHALLOW_MAX_LAYERS`).
+    def model_defaults(cls, handle: ModelHandle, preset: Mapping[str, Any]) -> ROMEHyperParams:
+        """The subject's last token at 17/48 of the depth for deep models (SmolLM2-135M: layer 11
+        of 30, confirmed by causal tracing, see scripts/smollm2_study.py); the last token at layer
+        0 for shallow ones (the 4-layer demo model, where causal tracing puts the recall, see
+        :data:`SHALLOW_MAX_LAYERS`). GPT-2 XL and GPT-J take the reference's layer from their
+        preset files (presets/ROME/).
 
         Statistics come from real prose for models with an open vocabulary and from the bundled
         corpus for the demo model (:func:`editing.stats.corpus_defaults`)."""
         corpus = corpus_defaults(handle)
-        preset = ROME_PRESETS.get(model_key(handle))
-        if preset is not None:
-            return cls(**preset, **corpus)
         if is_shallow(handle):
             return cls(layer=0, fact_token="last", **corpus)
         return cls(layer=scaled_layer(handle.n_layers, ROME_DEPTH_FRACTION), **corpus)

@@ -41,7 +41,7 @@ Differences from the reference, said plainly:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -176,7 +176,7 @@ class TPatcherHParams(HParams):
     }
 
     @classmethod
-    def for_model(cls, handle: ModelHandle) -> TPatcherHParams:
+    def model_defaults(cls, handle: ModelHandle, preset: Mapping[str, Any]) -> TPatcherHParams:
         """The paper patches the last FFN layer."""
         return cls(layer=handle.n_layers - 1)
 
