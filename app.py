@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import streamlit as st
 
-from editing.concurrency import background_priority, configure_threads
+from editing.core.concurrency import background_priority, configure_threads
 from ui.sidebar import render_sidebar
 from ui.state import get_state
 from ui.widgets import show_notices

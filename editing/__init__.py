@@ -3,10 +3,10 @@
 This package never imports streamlit, pandas or plotly.
 """
 
-from editing.edit import Edit, EditError, InferenceWrapper, ModulePatch, ParamDelta, Route, WeightDelta, load_edit
-from editing.models import ModelHandle, ModelNotFound, load_model
-from editing.request import EditRequest, InvalidEditRequest
-from editing.session import EditSession
+from editing.core.edit import Edit, EditError, InferenceWrapper, ModulePatch, ParamDelta, Route, WeightDelta, load_edit
+from editing.core.request import EditRequest, InvalidEditRequest
+from editing.core.session import EditSession
+from editing.models.loader import ModelHandle, ModelNotFound, load_model
 
 __all__ = [
     "Edit", "EditError", "EditRequest", "EditSession", "InferenceWrapper", "InvalidEditRequest", "ModelHandle",

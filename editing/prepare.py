@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from editing.buildonce import ProgressFn
+from editing.storage.buildonce import ProgressFn
 
 Step = tuple[str, Callable[[ProgressFn], object]]
 
@@ -42,8 +42,8 @@ def progress_bar(title: str) -> Iterator[ProgressFn]:
 
 def model_is_prepared(spec: str) -> bool:
     """Whether loading ``spec`` needs no build or conversion first (always True for plain folders/ids)."""
-    from editing.demo import demo_is_built
-    from editing.pretrained import PRETRAINED_NAMES, is_converted
+    from editing.models.demo import demo_is_built
+    from editing.models.pretrained import PRETRAINED_NAMES, is_converted
 
     if spec == "demo":
         return demo_is_built()
@@ -58,8 +58,8 @@ def prepare_model(spec: str, progress: ProgressFn | None = None) -> Path | None:
     While another process builds the same files, ``progress`` says so and relays that build's
     progress. None for local folders and Hugging Face ids (they load as they are).
     """
-    from editing.demo import ensure_demo_model
-    from editing.pretrained import PRETRAINED_NAMES, ensure_pretrained
+    from editing.models.demo import ensure_demo_model
+    from editing.models.pretrained import PRETRAINED_NAMES, ensure_pretrained
 
     if spec == "demo":
         return ensure_demo_model(progress=progress)
@@ -70,7 +70,7 @@ def prepare_model(spec: str, progress: ProgressFn | None = None) -> Path | None:
 
 def steps() -> list[Step]:
     """The preparation steps, in order."""
-    from editing.pretrained import available_pretrained
+    from editing.models.pretrained import available_pretrained
 
     return [(title, lambda report, spec=spec: prepare_model(spec, report))
             for title, spec in [("demo model", "demo"), *((name, name) for name in available_pretrained())]]

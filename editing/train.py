@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from editing.factbase import FactBase, load_factbase
-from editing.files import atomic_write_text
-from editing.patching import in_training_memory
-from editing.paths import cache_dir
-from editing.request import EditRequest
-from editing.training import CHECKPOINT_FORMAT
+from editing.core.request import EditRequest
+from editing.learning.training import CHECKPOINT_FORMAT
+from editing.methods.patching import in_training_memory
+from editing.storage.factbase import FactBase, load_factbase
+from editing.storage.files import atomic_write_text
+from editing.storage.paths import cache_dir
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def edit_records(split: str = "train", factbase: FactBase | None = None, seed: i
     object of the same relation; paraphrases fill the relation's other templates.
 
     Locality facts follow the fact base's split between training memory and probes
-    (:func:`editing.patching.in_training_memory`): those of ``train`` records are about
+    (:func:`editing.methods.patching.in_training_memory`): those of ``train`` records are about
     memory-side subjects of the training split, those of ``heldout`` records about probe-side
     subjects, where :mod:`eval.probes` draws neighbours and unrelated facts. So no editor is
     trained to keep a fact that any evaluation probes, nor any fact of a held-out subject.
@@ -186,7 +186,7 @@ RECORDS_VERSION = 2
 
 def checkpoint_dir(handle: ModelHandle, method: str, config: dict[str, Any]) -> Path:
     """Cache folder of ``method``'s editor for this model and config (and data file contents,
-    :data:`RECORDS_VERSION` and the checkpoint layout's :data:`editing.training.CHECKPOINT_FORMAT`)."""
+    :data:`RECORDS_VERSION` and the checkpoint layout's :data:`editing.learning.training.CHECKPOINT_FORMAT`)."""
     parts: list[Any] = [handle.fingerprint(), method, config, RECORDS_VERSION, CHECKPOINT_FORMAT]
     data = config.get("data")
     if data and Path(data).is_file():  # a changed data file must not find the old editor
@@ -303,7 +303,7 @@ def train_editor(handle: ModelHandle, method: str, overrides: dict[str, Any] | N
     racing it. Trainers hold the model's lock only while they touch the model (one step at a
     time), so edit sessions sharing the model keep working during a long training.
     """
-    from editing.edit import handle_stack
+    from editing.core.edit import handle_stack
     from editing.methods import import_all_methods
 
     import_all_methods()  # method modules register their trainers on import
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from tqdm.auto import tqdm
 
-    from editing.models import load_model
+    from editing.models.loader import load_model
 
     handle = load_model(args.model)
     overrides = {}

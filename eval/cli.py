@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from editing.edit import EditError
+from editing.core.edit import EditError
 from eval.runs import MODES
 from eval.store import RunStore
 
@@ -166,7 +166,7 @@ def _print_table(frame: pd.DataFrame) -> None:
 def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from editing.models import load_model
+    from editing.models.loader import load_model
     from eval.datasets import load_dataset
     from eval.runs import run_experiment
 

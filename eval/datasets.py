@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from editing.factbase import FactBase, load_factbase
-from editing.request import EditRequest, InvalidEditRequest
+from editing.core.request import EditRequest, InvalidEditRequest
+from editing.storage.factbase import FactBase, load_factbase
 from editing.train import edit_records
 from eval.probes import KIND_PREFIX, Probe, ProbeSet, probes_for_request
 

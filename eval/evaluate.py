@@ -1,6 +1,6 @@
 """Judging an edit: predictions on every probe before and after, and the metrics of both families.
 
-Works for any method through the :class:`~editing.session.EditSession` interface: queries are
+Works for any method through the :class:`~editing.core.session.EditSession` interface: queries are
 answered under ``session.active()`` and routed through ``session.route`` (so inference-wrapper
 edits such as SERAC or IKE are judged on what they really answer), batched per answering model.
 """
@@ -14,11 +14,11 @@ from typing import Any
 
 import pandas as pd
 
-from editing.edit import Edit
-from editing.factbase import FactBase, load_corpus, load_factbase
-from editing.request import EditRequest
-from editing.scoring import generate_routed, score_routes
-from editing.session import EditSession
+from editing.analysis.scoring import generate_routed, score_routes
+from editing.core.edit import Edit
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
+from editing.storage.factbase import FactBase, load_corpus, load_factbase
 from eval.metrics import agreement, fluency, generation_contains, per_token_prob, summarize, tfidf_similarity
 from eval.probes import Probe, ProbeSet, probes_for_requests
 

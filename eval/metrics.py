@@ -15,7 +15,7 @@
   unchanged, and an edit success that needs the greedy answer to be the new target (efficacy only
   says the new target beats the old one, which a model answering neither can satisfy).
 
-The model-facing numbers come from :mod:`editing.scoring` (batched); this module turns them into
+The model-facing numbers come from :mod:`editing.analysis.scoring` (batched); this module turns them into
 metrics. :func:`summarize` reads a per-probe table (as built by :mod:`eval.evaluate`).
 """
 
@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from editing.scoring import TargetScore, score_targets
+from editing.analysis.scoring import TargetScore, score_targets
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 NAN = float("nan")
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from editing.factbase import FactBase, load_factbase
-from editing.request import EditRequest
-from editing.scoring import generate_routed, score_routes
-from editing.session import EditSession
+from editing.analysis.scoring import generate_routed, score_routes
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
+from editing.storage.factbase import FactBase, load_factbase
 from eval.probes import ProbeSet, match_relation
 
 #: greedy tokens generated per prompt for the before/after texts (long enough for " the city of Rome")

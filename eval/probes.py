@@ -6,7 +6,7 @@ A :class:`Probe` is a prompt with the answer expected after the edit and its kin
 * ``generality`` — paraphrases of the request (should also give the new target);
 * ``locality`` — neighbouring facts (same relation, other subjects) that must keep their answer;
   neighbour and unrelated probes come only from probe-side subjects, never from the training
-  memory of CaliNET, T-Patcher or IKE (:func:`editing.factbase.is_memory_subject`);
+  memory of CaliNET, T-Patcher or IKE (:func:`editing.storage.factbase.is_memory_subject`);
 * ``portability`` — consequences of the edit (2-hop chains through the new object, aliases,
   inverse relations, logical implications) that should follow it;
 * ``unrelated`` — facts of other relations about other subjects (must not change).
@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from editing.factbase import FactBase, Relation, is_memory_subject, load_factbase
-from editing.request import EditRequest
+from editing.core.request import EditRequest
+from editing.storage.factbase import FactBase, Relation, is_memory_subject, load_factbase
 
 PROBE_KINDS = ("reliability", "generality", "locality", "portability", "unrelated")
 IN_SCOPE_KINDS = ("reliability", "generality", "portability")
@@ -210,7 +210,7 @@ def probes_for_request(request: EditRequest, factbase: FactBase | None = None, n
     subject's other relations (KnowEdit's relation specificity). Never raises on unknown facts.
 
     Neighbour and unrelated probes are drawn only from the probe side of the fact base's fixed
-    split of subjects (:func:`editing.factbase.is_memory_subject`): methods that train to keep
+    split of subjects (:func:`editing.storage.factbase.is_memory_subject`): methods that train to keep
     facts unchanged (CaliNET, T-Patcher) or show them as demonstrations (IKE) take theirs from the
     other side, so no locality figure is measured on facts a method was trained to keep.
     """

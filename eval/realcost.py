@@ -8,7 +8,7 @@ For one method on one model it measures, in one process:
   user's first edit (their caches point at an empty folder for that edit, and the in-memory
   caches are cleared), then
 * the **median of the later edits** (caches warm) and each edit's **peak memory** (the process's
-  RSS growth on a CPU, the allocator's peak on a GPU: :mod:`editing.measure`);
+  RSS growth on a CPU, the allocator's peak on a GPU: :mod:`editing.core.measure`);
 * the edit's **floating-point operations**, counted by torch's ``FlopCounterMode`` (forward and
   backward of every optimisation step, the key and the solve), and this machine's **fp32
   matrix-multiply rate** with the same threads, on matrices of the edit's own shape;
@@ -34,12 +34,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from editing import context, stats
-from editing.request import EditRequest
-from editing.session import EditSession
+from editing.analysis import stats
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
+from editing.methods import context
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 #: facts a real English model knows, edited to counterfactual targets (the first one is the README's example)
 REAL_REQUESTS = (
@@ -173,7 +174,7 @@ def cost_markdown(cost: EditCost) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m eval.realcost``."""
-    from editing.models import load_model
+    from editing.models.loader import load_model
 
     parser = argparse.ArgumentParser(prog="python -m eval.realcost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")

@@ -9,8 +9,8 @@ ends. This module
   merged with the bundled fact base's landmarks, people and companies;
 * keeps only the facts a loaded model knows — its greedy continuation of the relation's main
   prompt begins with the answer, in any of the answer's accepted spellings — and caches that
-  filtered list per model (``editing.paths.cache_dir("realfacts")``);
-* turns the kept facts into a :class:`~editing.factbase.FactBase` (so
+  filtered list per model (``editing.storage.paths.cache_dir("realfacts")``);
+* turns the kept facts into a :class:`~editing.storage.factbase.FactBase` (so
   :func:`eval.probes.probes_for_request` builds paraphrases, neighbours with the model's own
   answers and 2-hop portability probes for any typed fact), and into CounterFact-style records
   and :class:`~eval.datasets.EditCase` objects for experiments.
@@ -38,14 +38,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from editing.factbase import Composition, Fact, FactBase, Relation, load_factbase
-from editing.files import atomic_write_text
-from editing.paths import cache_dir
-from editing.request import EditRequest
+from editing.core.request import EditRequest
+from editing.storage.factbase import Composition, Fact, FactBase, Relation, load_factbase
+from editing.storage.files import atomic_write_text
+from editing.storage.paths import cache_dir
 from eval.probes import KIND_PREFIX, Probe, ProbeSet, probes_for_request
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
     from eval.datasets import EditCase
 
 ProgressFn = Callable[[float, str], None]
@@ -412,8 +412,8 @@ def greedy_starts_with(handle: ModelHandle, prompts: Sequence[str], answers: Seq
     word (so "Niger" is not taken for a model that says "Nigeria"). Answers containing the
     tokenizer's unknown token never match. None where no answer matches.
     """
-    from editing.scoring import last_token_logprobs, score_targets
-    from editing.tokens import target_ids
+    from editing.analysis.scoring import last_token_logprobs, score_targets
+    from editing.models.tokens import target_ids
 
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answer lists.")
@@ -446,7 +446,7 @@ def greedy_starts_with(handle: ModelHandle, prompts: Sequence[str], answers: Seq
 
 def _continues_word(tokenizer: Any, text: str, next_id: int) -> bool:
     """Whether token ``next_id`` written after ``text`` extends its last word (no space or punctuation between)."""
-    from editing.tokens import encode
+    from editing.models.tokens import encode
 
     ids = encode(tokenizer, text)
     before = tokenizer.decode(ids)
@@ -754,7 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     facts each model knows, and print the counts per relation."""
     import argparse
 
-    from editing.models import load_model
+    from editing.models.loader import load_model
 
     parser = argparse.ArgumentParser(prog="python -m eval.realfacts", description=main.__doc__)
     which = parser.add_mutually_exclusive_group(required=True)
@@ -762,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     which.add_argument("--installed", action="store_true", help="every installed pretrained model")
     args = parser.parse_args(argv)
     if args.installed:
-        from editing.pretrained import available_pretrained
+        from editing.models.pretrained import available_pretrained
 
         names = available_pretrained()
     else:

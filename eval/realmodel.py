@@ -29,16 +29,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from editing.edit import EditError
-from editing.files import atomic_write_text
-from editing.request import InvalidEditRequest
-from editing.session import EditSession
+from editing.core.edit import EditError
+from editing.core.request import InvalidEditRequest
+from editing.core.session import EditSession
+from editing.storage.files import atomic_write_text
 from eval.evaluate import GENERATION_KINDS, generate_probes, outcome_table, predict, with_generations
 from eval.metrics import GENERATION_METRICS, TOKEN_METRICS, summarize
 from eval.realfacts import KnownFacts, generate_records, known_facts, record_to_case
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
     from eval.datasets import EditCase
     from eval.evaluate import ProbeOutcome
 
@@ -236,7 +236,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m eval.realmodel``; returns the exit status."""
-    from editing.models import load_model
+    from editing.models.loader import load_model
 
     args = _parser().parse_args(argv)
     if args.n < 1:

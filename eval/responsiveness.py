@@ -1,12 +1,12 @@
 """How long a person's edit waits when the server is busy: the latency ratios of the benchmark.
 
 Measured in one process, as the dashboard runs (one shared model handle, the server's thread
-policy from :func:`editing.concurrency.configure_threads`), the median latency of single
+policy from :func:`editing.core.concurrency.configure_threads`), the median latency of single
 interactive edits
 
 * (a) on an otherwise idle process,
 * (b) while a second session's sequential experiment runs in a background thread
-  (:func:`editing.concurrency.background_priority`, as the dashboard's background jobs do) and is
+  (:func:`editing.core.concurrency.background_priority`, as the dashboard's background jobs do) and is
   editing: timing starts once that run has finished its first edit step, not during the
   predictions it makes before any edit (a far lighter load), and
 * (c) while two outside CPU-bound processes compete for the cores,
@@ -28,10 +28,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from editing.concurrency import background_priority, configure_threads
-from editing.models import ModelHandle
-from editing.request import EditRequest
-from editing.session import EditSession
+from editing.core.concurrency import background_priority, configure_threads
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
+from editing.models.loader import ModelHandle
 
 #: goals of the issue "stays responsive": (b)/(a) and (c)/(a)
 GOAL_BACKGROUND_RATIO = 2.0
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="ROME")
     parser.add_argument("--n", type=int, default=5, help="timed edits per situation")
     args = parser.parse_args(argv)
-    from editing.models import load_model
+    from editing.models.loader import load_model
 
     result = measure_responsiveness(load_model(args.model), args.method, args.n)
     print(f"{args.method} single edit on {args.model}, {result.threads} intra-op thread(s), median of {args.n}:")

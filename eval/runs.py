@@ -9,9 +9,9 @@
 
 Every step is written to the :class:`~eval.store.RunStore` as it finishes (when one is given), so
 a crashed or cancelled run keeps what it computed. The shared model never keeps an edit: every
-edit lives in a run-local :class:`~editing.session.EditSession`.
+edit lives in a run-local :class:`~editing.core.session.EditSession`.
 
-A sequential run holds its session's :meth:`~editing.session.EditSession.stack_cache`, so
+A sequential run holds its session's :meth:`~editing.core.session.EditSession.stack_cache`, so
 re-applying the stack for each step's edit and judgement is constant tensor work, not one apply
 per edit so far; the stack is still reverted (bit for bit) and the model's lock released after
 each of them, so an interactive edit waits for at most one step. Judging every edit so far at each
@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from editing.request import InvalidEditRequest
-from editing.session import EditSession
+from editing.core.request import InvalidEditRequest
+from editing.core.session import EditSession
 from eval.datasets import EditCase
 from eval.evaluate import ProbeOutcome, evaluate_edit, outcome_table, predict
 from eval.metrics import summarize
@@ -37,7 +37,7 @@ from eval.probes import PROBE_KINDS, ProbeSet, merge_probesets, without_conflict
 from eval.store import RunResult, RunStore, final_metrics
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 __all__ = ["MODES", "RunResult", "run_experiment"]
 

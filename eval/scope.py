@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from editing.edit import Edit, WeightDelta
-from editing.hooks import capture, forward_until
-from editing.session import EditSession
-from editing.tokens import encode, pad_batch, pad_id, subject_last_token
+from editing.core.edit import Edit, WeightDelta
+from editing.core.hooks import capture, forward_until
+from editing.core.session import EditSession
+from editing.models.tokens import encode, pad_batch, pad_id, subject_last_token
 from eval.evaluate import predict
 from eval.probes import Probe, ProbeSet
 

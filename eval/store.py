@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from editing.files import atomic_write_text
-from editing.paths import cache_dir
+from editing.storage.files import atomic_write_text
+from editing.storage.paths import cache_dir
 from eval.metrics import COUNT_KEYS
 
 SCHEMA = """

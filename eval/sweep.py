@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from eval.runs import MODES
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
     from eval.datasets import EditCase
     from eval.store import RunStore
 
@@ -343,7 +343,7 @@ class PointWorker:
 
     def handle(self) -> ModelHandle:
         if self._handle is None:
-            from editing.models import load_model
+            from editing.models.loader import load_model
 
             self._handle = load_model(self.settings.model, device=self.settings.device, dtype=self.settings.dtype)
         return self._handle

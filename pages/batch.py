@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from editing.core.safety import resolve_allowed, save_upload
 from editing.methods import available_methods, get_method
-from editing.safety import resolve_allowed, save_upload
 from eval.datasets import load_dataset
 from ui.jobs import ExperimentJob, ExperimentPlan, curves_from, parse_sizes, run_store, time_left
 from ui.plots import CORE_METRICS, CURVE_METRICS, SCOPE_COLUMNS, TABLE_LABELS, metric_curves

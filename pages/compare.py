@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from editing.core.session import EditSession
 from editing.methods import available_methods, get_method
-from editing.session import EditSession
 from eval.outcomes import resolve_true_target
 from ui.actions import carried_true_target, compare_methods, metrics_frame, predictions_frame, probeset_for
 from ui.plots import (

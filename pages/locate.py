@@ -6,7 +6,7 @@ from contextlib import nullcontext
 
 import streamlit as st
 
-from editing.trace import causal_trace, default_window
+from editing.analysis.trace import causal_trace, default_window
 from ui.plots import TRACE_TITLES, trace_heatmap
 from ui.state import AppState, TraceView, get_state
 from ui.widgets import fact_inputs, read_fact, running, seed_fact_inputs, show_error

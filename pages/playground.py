@@ -9,9 +9,9 @@ import re
 import pandas as pd
 import streamlit as st
 
-from editing.edit import EditError
-from editing.models import ModelHandle
-from editing.request import EditRequest
+from editing.core.edit import EditError
+from editing.core.request import EditRequest
+from editing.models.loader import ModelHandle
 from eval.datasets import EditCase, load_dataset
 from eval.outcomes import (
     GENERATION_TOKENS,

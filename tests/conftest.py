@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 
-from editing.tiny import TINY_FAMILIES, tiny_model
+from editing.models.tiny import TINY_FAMILIES, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
@@ -36,8 +36,8 @@ def demo_handle():
     It is never built inside a timed test: the README's test command prepares it first
     (`python -m editing.prepare`); a missing model fails at once with the command to run.
     """
-    from editing.demo import demo_is_built, demo_model_dir
-    from editing.models import load_model
+    from editing.models.demo import demo_is_built, demo_model_dir
+    from editing.models.loader import load_model
 
     if not demo_is_built():
         pytest.fail(f"The demo model is not in the cache ({demo_model_dir()}). Prepare it before the tests: "
@@ -48,7 +48,7 @@ def demo_handle():
 @pytest.fixture
 def demo(demo_handle):
     """The shared demo handle, checked to hold no edit before and after the test."""
-    from editing.edit import handle_stack
+    from editing.core.edit import handle_stack
 
     snapshot = {n: p.detach().clone() for n, p in demo_handle.model.named_parameters()}
     assert not handle_stack(demo_handle)

@@ -6,8 +6,8 @@ import random
 
 import torch
 
-from editing.factbase import is_memory_subject, load_factbase
-from editing.scoring import score_targets
+from editing.analysis.scoring import score_targets
+from editing.storage.factbase import is_memory_subject, load_factbase
 
 
 def params_snapshot(handle) -> dict[str, torch.Tensor]:
@@ -25,8 +25,8 @@ def random_delta(handle, layer: int = 1, rank: int | None = None, scale: float =
                  request=None):
     """A seeded random :class:`WeightDelta` on one layer's MLP output weight: dense, or low rank
     with ``rank`` (for tests of edits, sessions and files that need no real method)."""
-    from editing.edit import ParamDelta, WeightDelta
-    from editing.request import EditRequest
+    from editing.core.edit import ParamDelta, WeightDelta
+    from editing.core.request import EditRequest
 
     request = request or EditRequest("The capital of {} is", "France", "Lyon", "Paris")
     name = handle.arch.mlp_out_name(layer) + ".weight"
@@ -51,7 +51,7 @@ def assert_patch_changes_reverts_and_reloads(handle, edit, before: dict[str, tor
                                              out_before: torch.Tensor, folder):
     """An applied module patch changes the output; reverted, output and parameters are back bit for
     bit; saved to ``folder`` and loaded, it gives the same edited output again. Returns the loaded edit."""
-    from editing.edit import load_edit
+    from editing.core.edit import load_edit
 
     out_edited = logits(handle)
     assert not torch.equal(out_edited, out_before)
@@ -165,7 +165,7 @@ def batch_reliability_summing_singles(handle, method: str, hparams: dict) -> flo
 
 def assert_saved_deltas_round_trip(edit, folder) -> None:
     """A weight-delta edit saved to ``folder`` loads with every delta equal bit for bit."""
-    from editing.edit import load_edit
+    from editing.core.edit import load_edit
 
     saved = load_edit(edit.save(folder))
     for name, delta in edit.deltas.items():
@@ -198,7 +198,7 @@ def assert_learned_editor_edits_bfloat16(method_name: str, build_editor, family:
     editor runs in float32 on the model's device, each update is added to a float32 copy of the
     weight and rounded once, and the revert is bit for bit. Set ``EDITSCOPE_EDITORS`` first."""
     from editing.methods import get_method
-    from editing.tiny import tiny_model
+    from editing.models.tiny import tiny_model
     from editing.train import TRAINERS, train_editor
 
     handle = tiny_model(family)

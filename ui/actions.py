@@ -14,12 +14,12 @@ from typing import Any
 
 import pandas as pd
 
-from editing.edit import Edit, EditError
-from editing.factbase import FactBase, load_factbase
-from editing.models import ModelHandle
-from editing.request import EditRequest
-from editing.safety import pack_edit_stack, unpack_edit_stack
-from editing.session import EditSession
+from editing.core.edit import Edit, EditError
+from editing.core.request import EditRequest
+from editing.core.safety import pack_edit_stack, unpack_edit_stack
+from editing.core.session import EditSession
+from editing.models.loader import ModelHandle
+from editing.storage.factbase import FactBase, load_factbase
 from eval.evaluate import GENERATION_KINDS, EditOutcome, evaluate_edit, outcome_table, predict, with_generations
 from eval.metrics import summarize
 from eval.outcomes import (

@@ -15,8 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from editing.concurrency import background_priority
-from editing.models import ModelHandle
+from editing.core.concurrency import background_priority
+from editing.models.loader import ModelHandle
 from eval.metrics import COUNT_KEYS
 
 MODES = ("batch", "sequential")
@@ -38,7 +38,7 @@ def time_left(started_at: float, progress: float, now: float | None = None) -> s
 def _in_background(job: Any, work: Any) -> Any:
     """``work`` as a background thread's target: a bounded number run at once (the rest say they are
     queued), each at a lower OS priority, and yielding the model's lock to interactive edits between
-    its steps (:func:`editing.concurrency.background_priority`)."""
+    its steps (:func:`editing.core.concurrency.background_priority`)."""
 
     def run() -> None:
         with background_priority():

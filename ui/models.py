@@ -1,7 +1,7 @@
 """The process-wide model cache: each model is loaded once and shared by every browser session.
 
 The handle returned here is shared by all sessions and threads. Nothing in the UI changes its
-weights: only an :class:`~editing.session.EditSession` does, inside ``session.active()``, under
+weights: only an :class:`~editing.core.session.EditSession` does, inside ``session.active()``, under
 the handle's lock, and it reverts before releasing the lock.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 import streamlit as st
 import torch
 
-from editing.buildonce import BuildFailed
-from editing.demo import weights_sha256
-from editing.models import ModelHandle, load_model
+from editing.models.demo import weights_sha256
+from editing.models.loader import ModelHandle, load_model
 from editing.prepare import model_is_prepared, prepare_model
+from editing.storage.buildonce import BuildFailed
 from ui.state import ModelChoice
 
 DEMO = "demo"
@@ -56,7 +56,7 @@ def _shared_handle(spec: str, device: str, dtype: str) -> ModelHandle:
 def shared_handle(choice: ModelChoice) -> ModelHandle:
     """The shared handle for ``choice``, loaded on first use; shows progress while loading.
 
-    Raises :class:`~editing.models.ModelNotFound`, :class:`~editing.arch.UnsupportedArchitecture`
+    Raises :class:`~editing.models.loader.ModelNotFound`, :class:`~editing.models.arch.UnsupportedArchitecture`
     or ``ValueError`` with a message for the person when the model cannot be loaded.
     """
     dtype = "float32" if resolves_to_cpu(choice.device) else choice.dtype
@@ -98,7 +98,7 @@ def weights_digest(handle: ModelHandle) -> str:
 
 def edits_at_rest(handle: ModelHandle) -> int:
     """How many edits the shared model holds while no session computes on it (always 0 when healthy)."""
-    from editing.edit import handle_stack
+    from editing.core.edit import handle_stack
 
     with handle.lock:
         return len(handle_stack(handle))

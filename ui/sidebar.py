@@ -12,12 +12,12 @@ from pathlib import Path
 
 import streamlit as st
 
-from editing.arch import UnsupportedArchitecture
-from editing.edit import EditError
+from editing.core.edit import EditError
+from editing.core.safety import UnsafeInput
 from editing.methods import available_methods, get_method
-from editing.models import ModelHandle, ModelNotFound
-from editing.pretrained import available_pretrained
-from editing.safety import UnsafeInput
+from editing.models.arch import UnsupportedArchitecture
+from editing.models.loader import ModelHandle, ModelNotFound
+from editing.models.pretrained import available_pretrained
 from ui.actions import describe_edit, load_stack_archive, stack_archive
 from ui.jobs import find_shared_task, shared_task, time_left
 from ui.models import DEMO, DTYPES, cached_model_ids, device_options, resolves_to_cpu, shared_handle

@@ -3,7 +3,7 @@
 Everything a person typed or computed lives here, so nothing is lost when a page reruns, when
 they switch pages or when an action fails. Heavy shared objects (the model) are *not* stored
 per session: they come from ``st.cache_resource`` (see :mod:`ui.models`); the session only keeps
-its own :class:`~editing.session.EditSession`, whose edits touch the shared model only inside
+its own :class:`~editing.core.session.EditSession`, whose edits touch the shared model only inside
 ``session.active()`` under the model's lock.
 """
 
@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
-from editing.session import EditSession
+from editing.core.session import EditSession
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from editing.models import ModelHandle
-    from editing.request import EditRequest
+    from editing.core.request import EditRequest
+    from editing.models.loader import ModelHandle
     from ui.jobs import ExperimentJob
 
 STATE_KEY = "editscope"
@@ -137,7 +137,7 @@ class TraceView:
 
     prompt: str
     subject: str
-    results: dict[str, Any]  # kind -> editing.trace.TraceResult
+    results: dict[str, Any]  # kind -> editing.analysis.trace.TraceResult
     model_key: str
     with_edits: bool = False
 

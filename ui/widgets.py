@@ -11,10 +11,10 @@ from typing import Any
 
 import streamlit as st
 
-from editing.arch import UnsupportedArchitecture
-from editing.edit import EditError
-from editing.models import ModelNotFound
-from editing.request import EditRequest, InvalidEditRequest
+from editing.core.edit import EditError
+from editing.core.request import EditRequest, InvalidEditRequest
+from editing.models.arch import UnsupportedArchitecture
+from editing.models.loader import ModelNotFound
 from ui.actions import carried_true_target
 from ui.state import DEFAULT_FACTS, AppState, FactInputs, default_fact
 

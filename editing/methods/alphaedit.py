@@ -6,14 +6,14 @@ MEMIT's update is projected onto the null space of the preserved knowledge's key
 for the keys the statistics describe stay (nearly) unchanged, which keeps sequential editing
 from eroding earlier knowledge:
 
-* ``P = Û Ûᵀ`` where ``Û`` are the eigenvectors of ``C = E[k kᵀ]`` (:mod:`editing.stats`) whose
+* ``P = Û Ûᵀ`` where ``Û`` are the eigenvectors of ``C = E[k kᵀ]`` (:mod:`editing.analysis.stats`) whose
   eigenvalues fall below ``nullspace_threshold`` (:func:`null_space_projection`);
 * per layer, with ``K`` this batch's keys, ``R`` the residual share and ``K_p`` the keys of
   earlier AlphaEdit edits still applied:
 
       ΔWᵀ = (P (K Kᵀ + K_p K_pᵀ) + L2·I)⁻¹ P K Rᵀ
 
-  spread over the layers as in MEMIT (:func:`editing.compute.spread_residuals`).
+  spread over the layers as in MEMIT (:func:`editing.methods.compute.spread_residuals`).
 
 Where the keys of earlier edits come from: each AlphaEdit edit stores its keys per layer, read
 with the whole update applied as the reference does for its ``cache_c``
@@ -28,7 +28,7 @@ session reloads with its keys. This is chosen over per-handle mutable state, whi
 stale on undo and leak between sessions.
 
 Memory (``M = 8·d_ff²`` bytes, one float64 ``d_ff × d_ff`` matrix: 1.64 GB for LLaMA-3-8B's
-d_ff = 14,336, 2.15 GB for GPT-J's 16,384; table in :mod:`editing.stats`):
+d_ff = 14,336, 2.15 GB for GPT-J's 16,384; table in :mod:`editing.analysis.stats`):
 
 * the null space of a layer is found once per statistic and threshold (:func:`null_space`): an
   eigendecomposition, about 4M (the float64 moment, its eigenvectors, the solver's workspace of
@@ -54,10 +54,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from editing.compute import LayerSolver
-from editing.edit import Edit, ParamDelta, WeightDelta, handle_stack, register_edit_type
+from editing.analysis.stats import corpus_defaults, fits_on, second_moments
+from editing.core.edit import Edit, ParamDelta, WeightDelta, handle_stack, register_edit_type
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.methods.checks import POSITIVE, FieldCheck, Flag
+from editing.methods.compute import LayerSolver
 from editing.methods.memit import (
     MEMITHyperParams,
     compute_memit_update,
@@ -65,11 +66,10 @@ from editing.methods.memit import (
     memit_layers,
     shallow_settings,
 )
-from editing.stats import corpus_defaults, fits_on, second_moments
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
-    from editing.request import EditRequest
+    from editing.core.request import EditRequest
+    from editing.models.loader import ModelHandle
 
 KEYS_PREFIX = "alphaedit_keys"
 SHALLOW_L2 = 0.1

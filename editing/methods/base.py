@@ -13,14 +13,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from editing.edit import Edit, EditError, handle_stack
-from editing.measure import measure
+from editing.core.edit import Edit, EditError, handle_stack
+from editing.core.measure import measure
+from editing.core.request import EditRequest, InvalidEditRequest
 from editing.methods.checks import FieldCheck, InvalidHParams, check_fields, from_annotation
-from editing.request import EditRequest, InvalidEditRequest
 
 if TYPE_CHECKING:
     from editing.methods.presets import Preset
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 #: progress(fraction done in [0, 1], what is happening)
 ProgressFn = Callable[[float, str], None]
@@ -135,7 +135,7 @@ def check_spelled(handle: ModelHandle, requests: Sequence[EditRequest]) -> None:
     """Raise :class:`InvalidEditRequest` when a target has words the model's tokenizer can only write
     as its unknown token (the demo's word-level vocabulary: "Zürich", "france"): the edit would
     "succeed" and the model then answer ``<unk>``. Byte-level tokenizers spell everything."""
-    from editing.tokens import unknown_words
+    from editing.models.tokens import unknown_words
 
     tokenizer = handle.tokenizer
     for request in requests:
@@ -154,7 +154,7 @@ def check_spelled(handle: ModelHandle, requests: Sequence[EditRequest]) -> None:
 def check_fits_context(handle: ModelHandle, requests: Sequence[EditRequest]) -> None:
     """Raise :class:`InvalidEditRequest` when a request's prompt with a target is longer than the
     model reads (checked once here, so no method meets an input its position embeddings cannot hold)."""
-    from editing.tokens import encode, target_ids
+    from editing.models.tokens import encode, target_ids
 
     tokenizer = handle.tokenizer
     for request in requests:

@@ -11,19 +11,19 @@ the NLL of the (new) object.
 
 As in the reference code the calibration FFN has no biases and sits in the last layer by default
 (T5-base layer 11 of 12). There, the logits follow from the calibration FFN's output through the
-final norm and the LM head alone (:class:`editing.patching.LastBlockReadout`), so after one pass
+final norm and the LM head alone (:class:`editing.methods.patching.LastBlockReadout`), so after one pass
 over the data each training step costs no pass through the blocks; other layers train through the
 hooked model. Differences, said plainly:
 
 * the paper's facts come with PARAREL paraphrases; here a fact's extra templates are the
   relation's *training* templates from the bundled fact base when the request's relation is
-  known (:func:`editing.patching.training_prompts`); otherwise the request's own prompt only;
+  known (:func:`editing.methods.patching.training_prompts`); otherwise the request's own prompt only;
 * a locality term is added (the paper trains on the facts only): KL between the unpatched and
   patched answer distributions of ``locality_facts`` prompts of other subjects (half of them of
   the edited relations) and, as its own group, of the prompts of edits already applied, so a
   batch edit leaves other facts and earlier edits alone; training stops once the facts are
   learnt and each KL is below ``locality_stop`` (and earlier edits keep their answers). Those
-  prompts come only from the training memory (:func:`editing.patching.in_training_memory`):
+  prompts come only from the training memory (:func:`editing.methods.patching.in_training_memory`):
   memory-side subjects, never an edited one. Evaluation draws its neighbour and unrelated probes
   from the other side of the split, so the KL never trains on a fact locality is scored on (it
   did before: the same-relation half was exactly the neighbours :mod:`eval.probes` asks);
@@ -41,13 +41,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from editing.edit import Edit, EditError, ModulePatch, handle_stack, register_edit_type
-from editing.hooks import capture
-from editing.learned import TargetBatch, masked_kl, target_batch
+from editing.core.edit import Edit, EditError, ModulePatch, handle_stack, register_edit_type
+from editing.core.hooks import capture
+from editing.core.request import EditRequest
+from editing.learning.targets import TargetBatch, masked_kl, target_batch
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.methods.checks import COUNT, LAYERS, NON_NEGATIVE, NON_NEGATIVE_COUNT, POSITIVE, SEED, FieldCheck
-from editing.models import ModelHandle
-from editing.patching import (
+from editing.methods.patching import (
     add_to_output,
     fact_key,
     ffn_activation,
@@ -57,8 +57,8 @@ from editing.patching import (
     retained_facts,
     training_prompts,
 )
-from editing.request import EditRequest
-from editing.tokens import Batch, encode, pad_batch, pad_id
+from editing.models.loader import ModelHandle
+from editing.models.tokens import Batch, encode, pad_batch, pad_id
 
 
 @register_edit_type
@@ -252,7 +252,7 @@ def kept_prompts(handle: ModelHandle, requests: list[EditRequest], hparams: Cali
     relation) and the prompts of the edits already applied ("earlier_edits", which keep their new
     answers).
 
-    The facts come from :func:`editing.patching.retained_facts` with the requests, so none is a
+    The facts come from :func:`editing.methods.patching.retained_facts` with the requests, so none is a
     probe of these edits (neighbours and unrelated facts are drawn from the other subjects).
     """
     if hparams.locality_coef <= 0:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 #: a fixed bound, or one read from the model (skipped when the model is not known)
 Bound = float | Callable[["ModelHandle"], float] | None

@@ -1,7 +1,7 @@
 """Fine-tuning baselines: FT, FT-L (Zhu et al. 2020) and FT-M (EasyEdit).
 
 All three tune the MLP weights of chosen layers with Adam on the edit prompts and store the
-result as dense :class:`~editing.edit.WeightDelta` entries. They differ in three ways:
+result as dense :class:`~editing.core.edit.WeightDelta` entries. They differ in three ways:
 
 * **what is tuned** — FT tunes every MLP projection of its layer; FT-L and FT-M only the MLP
   output projection of one layer (ROME's and EasyEdit's FT baselines);
@@ -39,14 +39,14 @@ from typing import Any, ClassVar
 import torch
 from torch.func import functional_call
 
-from editing.edit import Edit, EditError, ParamDelta, WeightDelta
-from editing.learned import TargetBatch, target_batch, target_nll
+from editing.analysis.scoring import check_length
+from editing.core.edit import Edit, EditError, ParamDelta, WeightDelta
+from editing.core.request import EditRequest
+from editing.learning.targets import TargetBatch, target_batch, target_nll
 from editing.methods.base import EditMethod, HParams, ProgressFn, register, scaled_layer
 from editing.methods.checks import COUNT, LAYERS, NON_NEGATIVE, POSITIVE, Choice, FieldCheck, Flag, Items, Maybe
-from editing.models import ModelHandle
-from editing.request import EditRequest
-from editing.scoring import check_length
-from editing.tokens import Batch, encode, pad_batch, pad_id, target_ids
+from editing.models.loader import ModelHandle
+from editing.models.tokens import Batch, encode, pad_batch, pad_id, target_ids
 
 OBJECTIVES = ("prompt_last", "target_new")
 MODULE_KINDS = ("mlp_in", "mlp_out")
@@ -223,8 +223,8 @@ def objective_batch(handle: ModelHandle, prompts: Sequence[str], targets: Sequen
                     objective: str) -> ObjectiveBatch:
     """Inputs of the ``prompt_last`` (FT-L) or ``target_new`` (FT-M, FT) loss for these requests.
 
-    ``target_new`` uses the shared teacher-forced batch of :mod:`editing.learned` (``prompt +
-    target``, only the target positions scored), the same tokenisation :mod:`editing.scoring` scores.
+    ``target_new`` uses the shared teacher-forced batch of :mod:`editing.learning.learned` (``prompt +
+    target``, only the target positions scored), the same tokenisation :mod:`editing.analysis.scoring` scores.
     """
     if objective == "prompt_last":
         return prompt_last_batch(handle, prompts, targets)

@@ -47,14 +47,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from editing.edit import Edit, EditError, ModulePatch, handle_stack, register_edit_type
-from editing.hooks import capture
-from editing.learned import target_batch, target_hits, target_nll
+from editing.core.edit import Edit, EditError, ModulePatch, handle_stack, register_edit_type
+from editing.core.hooks import capture
+from editing.core.request import EditRequest
+from editing.learning.targets import target_batch, target_hits, target_nll
 from editing.methods.base import EditMethod, HParams, ProgressFn, register, scaled_layer
 from editing.methods.checks import COUNT, LAYER, NON_NEGATIVE, POSITIVE, SEED, Choice, FieldCheck, Maybe
-from editing.models import ModelHandle
-from editing.patching import module_inputs, retained_facts
-from editing.request import EditRequest
+from editing.methods.patching import module_inputs, retained_facts
+from editing.models.loader import ModelHandle
 
 #: GRACE edits GPT2-XL at block 35 of 48
 GRACE_LAYER_FRACTION = 35 / 48

@@ -2,7 +2,7 @@
 
 In-context editing: no weight changes and no training. For each new fact, IKE retrieves the most
 similar facts of a demonstration pool by sentence-embedding similarity (all-MiniLM-L6-v2, see
-:mod:`editing.embeddings`) and turns each into one of three demonstrations, in the paper's ratio
+:mod:`editing.analysis.embeddings`) and turns each into one of three demonstrations, in the paper's ratio
 copy : update : retain = 1 : 3 : 4 (shuffled), every one about *another* fact F:
 
 * copy — ``New Fact: F`` then ``Prompt: <F's prompt> <F's new target>``;
@@ -21,7 +21,7 @@ the retain demonstrations are what teaches the model to leave other facts alone.
 
 The demonstration pool is built from the bundled fact base: counterfactual records of training
 subjects (:func:`editing.train.edit_records`) of the training memory
-(:func:`editing.patching.in_training_memory`), with retain neighbours of the training memory too,
+(:func:`editing.methods.patching.in_training_memory`), with retain neighbours of the training memory too,
 never the edited subject: evaluation draws neighbour and unrelated probes from the other side of
 the split, so a retain demonstration never states the true answer of a locality probe.
 
@@ -47,8 +47,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from editing.edit import EditError, InferenceWrapper, Route, register_edit_type
-from editing.embeddings import (
+from editing.analysis.embeddings import (
     ENCODER_KINDS,
     MINILM_NAME,
     SentenceEncoder,
@@ -56,18 +55,19 @@ from editing.embeddings import (
     sentence_encoder,
     top_k_similar,
 )
-from editing.factbase import FactBase, load_factbase
-from editing.files import atomic_path
+from editing.core.edit import EditError, InferenceWrapper, Route, register_edit_type
+from editing.core.request import EditRequest
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.methods.checks import SEED, Choice, FieldCheck, Number, Text, half_context
-from editing.patching import in_training_memory, relation_of
-from editing.paths import cache_dir
-from editing.request import EditRequest
-from editing.tokens import encode
+from editing.methods.patching import in_training_memory, relation_of
+from editing.models.tokens import encode
+from editing.storage.factbase import FactBase, load_factbase
+from editing.storage.files import atomic_path
+from editing.storage.paths import cache_dir
 from editing.train import edit_records
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 METHOD = "IKE"
 #: the paper's demonstration mix for 32 demonstrations: 4 copy, 12 update, 16 retain
@@ -95,7 +95,7 @@ class PoolFact:
 
 def build_pool(factbase: FactBase, seed: int = 0, n_neighbours: int = 2) -> list[PoolFact]:
     """The demonstration pool: every training-split edit record about a training-memory subject
-    (:func:`editing.patching.in_training_memory`), with same-relation neighbours of the memory
+    (:func:`editing.methods.patching.in_training_memory`), with same-relation neighbours of the memory
     too, so no demonstration states a fact that evaluation probes."""
     rng = random.Random(seed)
     pool = []
@@ -197,7 +197,7 @@ def select_demonstrations(request: EditRequest, fact_vector: torch.Tensor, pool:
     (text, similarity), least similar first, typed copy/update/retain in the paper's ratio for ``n``.
 
     Every demonstration is about another fact: pool facts and neighbours outside the training
-    memory for this request (:func:`~editing.patching.in_training_memory`: the edited subject) are
+    memory for this request (:func:`~editing.methods.patching.in_training_memory`: the edited subject) are
     skipped, as a fact about the edited subject would contradict the edit.
     """
     n = hparams.k if n is None else n
@@ -224,7 +224,7 @@ def fitting_demonstrations(handle: ModelHandle, request: EditRequest, fact_vecto
     """The most demonstrations (at most ``k``) that fit the model's context before the edit prompt's
     query with ``reserve_tokens`` to spare, typed in the paper's ratio for that number.
 
-    Raises :class:`~editing.edit.EditError` when not even one fits: IKE without a demonstration is
+    Raises :class:`~editing.core.edit.EditError` when not even one fits: IKE without a demonstration is
     not the paper's method, and the model would not know what the context is for.
     """
     query = hparams.query_prefix(new_fact(request)) + request.text

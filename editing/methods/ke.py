@@ -32,33 +32,33 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from editing.edit import Edit, WeightDelta
-from editing.learned import (
+from editing.analysis.scoring import generate
+from editing.core.edit import Edit, WeightDelta
+from editing.core.request import EditRequest
+from editing.learning.editor_data import RecordBatch
+from editing.learning.learned import (
     QUICK_TRAINING,
     GradientFactors,
     LowRankShift,
-    RecordBatch,
     TrainedEditorMixin,
     default_edit_layers,
     edit_and_locality_losses,
     editor_on,
     gradient_factors,
-    lr_warmup_linear,
     mlp_weight_names,
     out_in_shape,
     summed_deltas,
-    target_batch,
     train_gradient_editor,
 )
+from editing.learning.targets import target_batch
+from editing.learning.training import lr_warmup_linear
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.methods.checks import CHECKPOINT, POSITIVE, FieldCheck
-from editing.request import EditRequest
-from editing.scoring import generate
-from editing.tokens import pad_id
+from editing.models.tokens import pad_id
 from editing.train import EditRecord, Trainer, register_trainer
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 NAME = "KE"
 
@@ -142,7 +142,7 @@ class KEEditor(nn.Module):
 
 def build_editor(handle: ModelHandle, config: dict[str, Any], device: torch.device | str | None = None) -> KEEditor:
     """KE's hypernetwork for ``config``, initialised on the CPU (seeded) and placed on ``device``
-    (default: the model's) in float32 (:func:`editing.learned.editor_on`)."""
+    (default: the model's) in float32 (:func:`editing.learning.learned.editor_on`)."""
     names = mlp_weight_names(handle, config["layers"])
     editor = KEEditor({n: out_in_shape(handle, n) for n in names}, embed_dim=handle.d_model,
                       lstm_dim=config["lstm_dim"], condition_dim=config["condition_dim"],

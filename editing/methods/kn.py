@@ -13,7 +13,7 @@
    ``attribution_threshold`` × that prompt's largest attribution over all layers (t = 0.2 max);
    then keep the neurons kept for at least ``share_threshold`` (p) of the prompts. The prompts
    are the edit prompt plus up to ``n_paraphrases`` of its relation's *training* templates in the
-   bundled fact base, filled with the subject (:func:`editing.patching.training_prompts`; held-out
+   bundled fact base, filled with the subject (:func:`editing.methods.patching.training_prompts`; held-out
    templates stay unseen, for measuring generalisation). An edit outside the fact base's
    relations is attributed on its own prompt only.
 3. **Edit ("erase and update").** Each knowledge neuron's value vector — its column of the MLP
@@ -51,8 +51,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from editing.edit import Edit, EditError, ParamDelta, WeightDelta
-from editing.hooks import capture, forward_until, modify
+from editing.analysis.scoring import last_token_logprobs
+from editing.core.edit import Edit, EditError, ParamDelta, WeightDelta
+from editing.core.hooks import capture, forward_until, modify
+from editing.core.request import EditRequest
 from editing.methods.base import EditMethod, HParams, ProgressFn, no_progress, register
 from editing.methods.checks import (
     COUNT,
@@ -64,11 +66,9 @@ from editing.methods.checks import (
     InvalidHParams,
     Number,
 )
-from editing.models import ModelHandle
-from editing.patching import training_prompts
-from editing.request import EditRequest
-from editing.scoring import last_token_logprobs
-from editing.tokens import encode, pad_batch, pad_id, target_ids
+from editing.methods.patching import training_prompts
+from editing.models.loader import ModelHandle
+from editing.models.tokens import encode, pad_batch, pad_id, target_ids
 
 
 @dataclass
@@ -137,7 +137,7 @@ def neuron_attributions(handle: ModelHandle, prompts: Sequence[str], answer_ids:
     Returns ``(attributions, activations)``, both ``(n_prompts, len(layers), d_ff)`` float32:
     the attribution of P(``answer_ids[p]`` | prompt p) to every intermediate neuron of each
     layer, and the neurons' activations on the unmodified model. Gradients flow to a leaf tensor
-    of scaled activations spliced in with :func:`editing.hooks.modify`; the model's parameters
+    of scaled activations spliced in with :func:`editing.core.hooks.modify`; the model's parameters
     are never given gradients. All (prompt, step) pairs of a layer run as one batch (chunked by
     ``batch_size``).
     """

@@ -3,15 +3,15 @@
 Many facts at once, spread over a range of MLP output projections ("the critical path"):
 
 1. for each request, a residual-stream target ``z`` at the *last* layer of the range is optimised
-   so the model predicts the new target (:func:`editing.compute.optimise_values`, site "block",
+   so the model predicts the new target (:func:`editing.methods.compute.optimise_values`, site "block",
    the same objective as ROME's ``v*`` with MEMIT's tighter norm clamp);
 2. for each layer ``l`` of the range, lowest first, with the updates of earlier layers in place:
    keys ``K`` (averaged over the bare prompt and a group of sampled prefixes), the remaining error
    ``R = (z − z_current) / (layers left)``, and the least-squares update
 
-       ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹        (C = E[k kᵀ] from :mod:`editing.stats`, solved in float64)
+       ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹        (C = E[k kᵀ] from :mod:`editing.analysis.stats`, solved in float64)
 
-   applied before the next layer's keys are read (:func:`editing.compute.spread_residuals`).
+   applied before the next layer's keys are read (:func:`editing.methods.compute.spread_residuals`).
 
 The edit stores one low-rank ``ParamDelta`` per layer (``R`` and ``(λC + KKᵀ)⁻¹K``, like the
 reference's ``deltas``), or the dense matrix when that is smaller. Shallow models (the demo) are
@@ -26,7 +26,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from editing.compute import (
+from editing.analysis.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, corpus_defaults, second_moments
+from editing.core.edit import Edit, ParamDelta, WeightDelta
+from editing.methods.base import EditMethod, HParams, ProgressFn, register, scaled_layer
+from editing.methods.checks import CONTEXT_TOKENS, LAYERS, POSITIVE, SEED, TEXTS, FieldCheck
+from editing.methods.compute import (
     LayerSolver,
     LayerUpdate,
     ValueHParams,
@@ -34,17 +38,13 @@ from editing.compute import (
     optimise_values,
     spread_residuals,
 )
-from editing.context import MEMIT_LENGTH, MEMIT_STARTS, memit_context_templates
-from editing.edit import Edit, ParamDelta, WeightDelta
-from editing.methods.base import EditMethod, HParams, ProgressFn, register, scaled_layer
-from editing.methods.checks import CONTEXT_TOKENS, LAYERS, POSITIVE, SEED, TEXTS, FieldCheck
+from editing.methods.context import MEMIT_LENGTH, MEMIT_STARTS, memit_context_templates
 from editing.methods.presets import ModelKey, shipped_presets
 from editing.methods.rome import STATS_CHECKS, VALUE_CHECKS, is_shallow
-from editing.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, corpus_defaults, second_moments
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
-    from editing.request import EditRequest
+    from editing.core.request import EditRequest
+    from editing.models.loader import ModelHandle
 
 #: MEMIT's range as fractions of depth: layers 13..17 of GPT-2 XL's 48
 MEMIT_DEPTH_RANGE = (13 / 48, 17 / 48)
@@ -175,8 +175,8 @@ def compute_memit_update(handle: ModelHandle, requests: list[EditRequest], hpara
     """Compute (not apply) MEMIT's update for ``requests`` against the model's current weights.
 
     ``second_moments_by_layer`` (layer -> ``C``) and ``context_templates`` (``[["{}"], [prefixed,
-    ...]]``) default to :func:`editing.stats.second_moments` and
-    :func:`editing.context.memit_context_templates`; pass the reference's to compare number for
+    ...]]``) default to :func:`editing.analysis.stats.second_moments` and
+    :func:`editing.methods.context.memit_context_templates`; pass the reference's to compare number for
     number. ``solver`` replaces MEMIT's per-layer solve (AlphaEdit). The model is left as found.
     """
     hp = hparams or MEMITHyperParams.for_model(handle)

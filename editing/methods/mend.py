@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from editing.edit import Edit, WeightDelta
-from editing.learned import (
+from editing.core.edit import Edit, WeightDelta
+from editing.core.request import EditRequest
+from editing.learning.editor_data import RecordBatch
+from editing.learning.learned import (
     QUICK_TRAINING,
     GradientFactors,
     LowRankShift,
-    RecordBatch,
     TrainedEditorMixin,
     default_edit_layers,
     edit_and_locality_losses,
@@ -44,16 +45,15 @@ from editing.learned import (
     out_in_shape,
     seeded_generator,
     summed_deltas,
-    target_batch,
     train_gradient_editor,
 )
+from editing.learning.targets import target_batch
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.methods.checks import CHECKPOINT, POSITIVE, FieldCheck
-from editing.request import EditRequest
 from editing.train import EditRecord, Trainer, register_trainer
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 NAME = "MEND"
 
@@ -179,7 +179,7 @@ class MENDEditor(nn.Module):
 
 def build_editor(handle: ModelHandle, config: dict[str, Any], device: torch.device | str | None = None) -> MENDEditor:
     """MEND's editor for ``config``, initialised on the CPU (seeded) and placed on ``device`` (default:
-    the model's) in float32 (:func:`editing.learned.editor_on`)."""
+    the model's) in float32 (:func:`editing.learning.learned.editor_on`)."""
     names = mlp_weight_names(handle, config["layers"])
     editor = MENDEditor({n: out_in_shape(handle, n) for n in names}, rank=config["rank"],
                         n_hidden=config["n_hidden"], edit_lr=config["edit_lr"], seed=config["seed"])

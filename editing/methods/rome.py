@@ -7,9 +7,9 @@ the rank-one update
 
     Ŵ = W + Λ uᵀ,   u = C⁻¹k* / |C⁻¹k*|,   Λ = (v* − W k) / (k · u)
 
-where ``C = E[k kᵀ]`` is the second moment of keys over a corpus (:mod:`editing.stats`), ``k*`` is
-the subject's key averaged over context templates (:mod:`editing.context`) and ``v*`` is the MLP
-output that makes the model say the new target (:func:`editing.compute.optimise_values`).
+where ``C = E[k kᵀ]`` is the second moment of keys over a corpus (:mod:`editing.analysis.stats`), ``k*`` is
+the subject's key averaged over context templates (:mod:`editing.methods.context`) and ``v*`` is the MLP
+output that makes the model say the new target (:func:`editing.methods.compute.optimise_values`).
 
 Subtleties of the reference kept here (see :func:`compute_rome_update`):
 
@@ -37,17 +37,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from editing.compute import (
-    FACT_TOKENS,
-    ValueHParams,
-    ValueResult,
-    low_rank_delta,
-    mlp_key_value,
-    mlp_out_param,
-    optimise_values,
-)
-from editing.context import ROME_LENGTH_PARAMS, fill, rome_context_templates
-from editing.edit import Edit, WeightDelta
+from editing.analysis.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, corpus_defaults, second_moment
+from editing.core.edit import Edit, WeightDelta
 from editing.methods.base import EditMethod, HParams, ProgressFn, register, scaled_layer
 from editing.methods.checks import (
     CONTEXT_TOKENS,
@@ -64,12 +55,21 @@ from editing.methods.checks import (
     Row,
     Text,
 )
+from editing.methods.compute import (
+    FACT_TOKENS,
+    ValueHParams,
+    ValueResult,
+    low_rank_delta,
+    mlp_key_value,
+    mlp_out_param,
+    optimise_values,
+)
+from editing.methods.context import ROME_LENGTH_PARAMS, fill, rome_context_templates
 from editing.methods.presets import ModelKey, shipped_presets
-from editing.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, corpus_defaults, second_moment
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
-    from editing.request import EditRequest
+    from editing.core.request import EditRequest
+    from editing.models.loader import ModelHandle
 
 #: ROME's layer as a fraction of depth: layer 17 of GPT-2 XL's 48
 ROME_DEPTH_FRACTION = 17 / 48
@@ -147,7 +147,7 @@ class ROMEHyperParams(HParams):
         preset files (presets/ROME/).
 
         Statistics come from real prose for models with an open vocabulary and from the bundled
-        corpus for the demo model (:func:`editing.stats.corpus_defaults`)."""
+        corpus for the demo model (:func:`editing.analysis.stats.corpus_defaults`)."""
         corpus = corpus_defaults(handle)
         if is_shallow(handle):
             return cls(layer=0, fact_token="last", **corpus)
@@ -186,14 +186,14 @@ def compute_rome_updates(handle: ModelHandle, requests: list[EditRequest], hpara
                          progress: ProgressFn | None = None, values: ValueResult | None = None) -> list[RomeUpdate]:
     """Compute (not apply) ROME's update for each request *independently*, all against the model's
     current weights (their ``v*`` are optimised in one batch; see
-    :func:`editing.compute.optimise_values`). :class:`ROME` itself writes several requests one
+    :func:`editing.methods.compute.optimise_values`). :class:`ROME` itself writes several requests one
     after another; this is for evaluating many single edits quickly.
 
     ``second_moment_matrix`` (``C``, ``(d_ff, d_ff)``) and ``context_templates`` (``"{}"`` first,
-    each holding one ``{}``) default to :func:`editing.stats.second_moment` and
-    :func:`editing.context.rome_context_templates`; pass the reference's own to compare updates
+    each holding one ``{}``) default to :func:`editing.analysis.stats.second_moment` and
+    :func:`editing.methods.context.rome_context_templates`; pass the reference's own to compare updates
     number for number (docs/reference-comparison.md). ``values`` are ``v*`` already optimised for
-    these requests, layer and templates (:func:`editing.compute.optimise_values`, site ``"mlp"``),
+    these requests, layer and templates (:func:`editing.methods.compute.optimise_values`, site ``"mlp"``),
     e.g. to compare statistics without re-optimising (scripts/smollm2_study.py).
     """
     hp = hparams or ROMEHyperParams.for_model(handle)

@@ -14,7 +14,7 @@ is about a subject that a neighbour or unrelated probe of an evaluated edit asks
   the edit's input text ``e`` and the query ``q``, trained with binary cross-entropy on positives
   (the edit prompt and its paraphrases) and negatives (unrelated facts, same-relation facts of other
   subjects, other relations of the same subject). Simplification: the encoder is a frozen
-  sentence encoder (all-MiniLM-L6-v2, see :mod:`editing.embeddings`) with a trained linear
+  sentence encoder (all-MiniLM-L6-v2, see :mod:`editing.analysis.embeddings`) with a trained linear
   projection ``P`` and scale ``s``, where the paper fine-tunes a whole DistilBERT.
 * counterfactual model — a copy of the base model's weights fine-tuned to answer
   ``"{edit prompt} {new target} . {query}" → new target`` on in-scope queries, as in the paper
@@ -45,10 +45,20 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from editing.edit import EditError, InferenceWrapper, Route, handle_stack, register_edit_type
-from editing.embeddings import SentenceEncoder, resolve_encoder_kind, sentence_encoder
-from editing.factbase import FactBase, load_factbase
-from editing.learned import TrainedEditorMixin
+from editing.analysis.embeddings import SentenceEncoder, resolve_encoder_kind, sentence_encoder
+from editing.analysis.scoring import score_targets
+from editing.core.edit import EditError, InferenceWrapper, Route, handle_stack, register_edit_type
+from editing.core.request import EditRequest
+from editing.learning.learned import TrainedEditorMixin
+from editing.learning.training import (
+    is_trained,
+    load_into,
+    load_trained,
+    lr_warmup_times_decay,
+    part_file,
+    train_loop,
+    trained_tensors,
+)
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.methods.checks import CHECKPOINT, FieldCheck, Number
 from editing.methods.serac_data import (
@@ -60,33 +70,15 @@ from editing.methods.serac_data import (
     scope_examples,
     training_records,
 )
-from editing.request import EditRequest
-from editing.scoring import score_targets
-from editing.tokens import pad_batch, pad_id
+from editing.models.tokens import pad_batch, pad_id
+from editing.storage.factbase import FactBase, load_factbase
 from editing.train import REPORT_FILE, EditRecord, Trainer, checkpoint_config, edit_records, register_trainer
-from editing.training import (
-    is_trained,
-    load_into,
-    load_trained,
-    lr_warmup_times_decay,
-    part_file,
-    train_loop,
-    trained_tensors,
-)
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
-
-__all__ = [  # with the data builders of editing.methods.serac_data, re-exported for older imports
-    "CLASSIFIER_FILE", "CLASSIFIER_PART", "COUNTERFACTUAL_FILE", "COUNTERFACTUAL_PART", "SERAC", "ScopeClassifier",
-    "ScopeExample", "SeracEdit", "SeracEditor", "SeracHParams", "SeracRoute", "classifier_loss", "classifier_text",
-    "counterfactual_examples", "counterfactual_prompt", "default_config", "edit_statement", "evaluate_editor",
-    "load_counterfactual", "scope_examples", "serac_editor", "train_classifier", "train_counterfactual",
-    "train_serac", "training_records",
-]
+    from editing.models.loader import ModelHandle
 
 METHOD = "SERAC"
-#: the two trained parts of a SERAC checkpoint folder (:mod:`editing.training`'s layout)
+#: the two trained parts of a SERAC checkpoint folder (:mod:`editing.learning.training`'s layout)
 CLASSIFIER_PART = "classifier"
 COUNTERFACTUAL_PART = "counterfactual"
 CLASSIFIER_FILE = f"{CLASSIFIER_PART}.safetensors"
@@ -319,7 +311,7 @@ class SeracEditor:
 
     @classmethod
     def load(cls, handle: ModelHandle, folder: Path, encoder_kind: str) -> SeracEditor:
-        from editing.models import handle_from_model
+        from editing.models.loader import handle_from_model
 
         encoder = sentence_encoder(handle, encoder_kind)
         state, _meta = trained_tensors(folder, CLASSIFIER_PART)

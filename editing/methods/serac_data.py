@@ -11,14 +11,14 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from editing.factbase import FactBase
-from editing.patching import in_training_memory, relation_of
-from editing.request import EditRequest
-from editing.tokens import encode, target_ids
+from editing.core.request import EditRequest
+from editing.methods.patching import in_training_memory, relation_of
+from editing.models.tokens import encode, target_ids
+from editing.storage.factbase import FactBase
 from editing.train import EditRecord, edit_records
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def scope_examples(records: list[EditRecord], factbase: FactBase, seed: int,
 # ---------------------------------------------------------------------------------------------
 def training_records(config: dict[str, Any]) -> list[EditRecord]:
     """The edit records SERAC trains on: training-split edits of training-memory subjects only
-    (:func:`editing.patching.in_training_memory`), the first ``n_records`` of them (0: all).
+    (:func:`editing.methods.patching.in_training_memory`), the first ``n_records`` of them (0: all).
 
     The classifier learns every fact these records mention (edits, paraphrases, locality facts,
     hard negatives) as in or out of some edit's scope; had it seen the probe-side subjects, where

@@ -9,7 +9,7 @@ own activation, at every position. The neuron is trained with three losses (pape
   fires there (pre-activation ``a = h·k + b`` above the margin);
 * the **memory loss** on retained examples — every token of ``memory_facts`` fact-base
   statements (data the model was trained on: the paper's "previously seen training data") of the
-  training memory (:func:`editing.patching.in_training_memory`: memory-side subjects, none about
+  training memory (:func:`editing.methods.patching.in_training_memory`: memory-side subjects, none about
   an edited subject — the same rule as CaliNET's locality term; evaluation takes its neighbours
   and unrelated facts from the other subjects, so the memory never holds a probe of the edit,
   where a sample of the whole fact base held about 43% of them), plus the inputs of every edit already applied
@@ -47,9 +47,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from editing.edit import Edit, EditError, ModulePatch, handle_stack, register_edit_type
-from editing.hooks import capture
-from editing.learned import target_batch, target_hits, target_nll
+from editing.core.edit import Edit, EditError, ModulePatch, handle_stack, register_edit_type
+from editing.core.hooks import capture
+from editing.core.request import EditRequest
+from editing.learning.targets import target_batch, target_hits, target_nll
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
 from editing.methods.checks import (
     COUNT,
@@ -63,8 +64,7 @@ from editing.methods.checks import (
     InvalidHParams,
     Maybe,
 )
-from editing.models import ModelHandle
-from editing.patching import (
+from editing.methods.patching import (
     add_to_output,
     fact_key,
     ffn_activation,
@@ -72,7 +72,7 @@ from editing.patching import (
     module_inputs,
     statement_inputs,
 )
-from editing.request import EditRequest
+from editing.models.loader import ModelHandle
 
 
 @register_edit_type
@@ -188,7 +188,7 @@ class TPatcherHParams(HParams):
 
 def _memory(handle: ModelHandle, requests: list[EditRequest], hparams: TPatcherHParams) -> torch.Tensor:
     """FFN inputs at every token of the retained data: training-memory statements (and corpus
-    lines) about none of the edited subjects (:meth:`~editing.patching.StatementInputs.for_requests`),
+    lines) about none of the edited subjects (:meth:`~editing.methods.patching.StatementInputs.for_requests`),
     plus the inputs of every edit already applied (but not earlier edits of the same facts)."""
     statements = statement_inputs(handle, hparams.layer, hparams.memory_facts, hparams.seed,
                                   with_corpus=hparams.memory_corpus)

@@ -10,7 +10,7 @@ of each supported architecture it measures:
 * **edit latency** — the median over several single edits (after one warm-up edit, which pays
   for caches such as ROME's second-moment statistics; reported separately as "cold"), and the
   peak memory of an edit (CUDA allocator peak on a GPU, process RSS growth on the CPU, see
-  :mod:`editing.measure`);
+  :mod:`editing.core.measure`);
 * **evaluation throughput** — probes answered per second with the edit active (routed through
   the session, so inference wrappers pay for their longer prompts);
 * **batch scaling** — one edit of 1, 10, 100 and 1000 requests for the batch editors (MEMIT,

@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
 from editing.methods import get_method
-from editing.models import ModelHandle
-from editing.request import EditRequest
-from editing.session import EditSession
+from editing.models.loader import ModelHandle
 from eval.bench.common import Log, is_oom, mib, print_line, reason_of, timed
 from eval.bench.rows import LatencyRow, ScalingRow, SequentialLongRow
 
@@ -187,7 +187,7 @@ def bench_sequential_long(handle: ModelHandle, model: str, n: int, method: str =
     their ratio, the same for the time outside the method's own computation, peak memory over the run,
     and the final stack re-applied through the cache and edit by edit — and one row per step.
     """
-    from editing.measure import current_rss_bytes, measure
+    from editing.core.measure import current_rss_bytes, measure
     from eval.evaluate import predict
     from eval.probes import Probe
 

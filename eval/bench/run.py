@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from editing.methods import available_methods, get_method
-from editing.models import ModelHandle, load_model
-from editing.tiny import TINY_FAMILIES, tiny_model
+from editing.models.loader import ModelHandle, load_model
+from editing.models.tiny import TINY_FAMILIES, tiny_model
 from eval.bench.cases import (
     BATCH_METHODS,
     bench_batch,
@@ -89,7 +89,7 @@ def _tiny(family: str, device: torch.device) -> ModelHandle:
 
 def run_benchmark(config: BenchConfig, log: Log = print_line) -> BenchResults:
     """Run every case of ``config`` and return the results (nothing is written)."""
-    from editing.models import pick_device
+    from editing.models.loader import pick_device
 
     device = pick_device(config.device)
     results = BenchResults(machine=machine_info(device), config=asdict(config))

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from editing.request import EditRequest
-from editing.session import EditSession
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
 from eval.evaluate import predict
 from eval.probes import Probe
 from tests.app.conftest import app_state, assert_clean, click, new_app, preferred_method
@@ -90,7 +90,7 @@ def test_two_dashboard_sessions_keep_their_own_stacks(app_handle):
 def test_session_edits_are_absent_at_rest_on_tiny_models(family):
     """The same guarantee on other architectures, with a cheap edit method."""
     from editing.methods import available_methods
-    from editing.tiny import tiny_model
+    from editing.models.tiny import tiny_model
 
     if "FT-L" not in available_methods():
         pytest.skip("FT-L is not registered")

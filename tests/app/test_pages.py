@@ -157,7 +157,7 @@ def test_multi_token_target_shows_its_whole_probability_and_whether_the_model_sa
 
 
 def test_unknown_subject_without_an_examples_true_target_explains_its_missing_probes(app_handle):
-    from editing.session import EditSession
+    from editing.core.session import EditSession
     from eval.outcomes import model_answer
 
     at = new_app().run()
@@ -286,7 +286,7 @@ def test_unknown_model_is_reported_and_the_path_kept():
 def test_unsupported_architecture_is_reported(tmp_path):
     from transformers import OPTConfig, OPTForCausalLM
 
-    from editing.tiny import demo_tokenizer
+    from editing.models.tiny import demo_tokenizer
     from ui.sidebar import CUSTOM
 
     folder = tmp_path / "tiny-opt"

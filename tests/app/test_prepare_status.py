@@ -7,7 +7,7 @@ from streamlit.testing.v1 import AppTest
 
 def _failing_page() -> None:
     import ui.models
-    from editing.buildonce import BuildFailed
+    from editing.storage.buildonce import BuildFailed
 
     def broken(spec, progress=None):
         progress(0.3, "waiting for another process that is building the demo model: step 480 of 1600")

@@ -9,9 +9,9 @@ import math
 import pandas as pd
 import pytest
 
-from editing.request import EditRequest
-from editing.session import EditSession
-from editing.tiny import tiny_model
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
+from editing.models.tiny import tiny_model
 from eval import outcomes
 from eval.outcomes import (
     BROKEN,
@@ -92,7 +92,7 @@ def test_whole_target_probability_is_the_product_and_never_prints_as_zero():
 
 
 def test_token_probs_multiply_to_the_scored_whole_target():
-    from editing.scoring import score_targets
+    from editing.analysis.scoring import score_targets
 
     handle = tiny_model("gpt2")
     session = EditSession(handle)

@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from editing.edit import EditError, ParamDelta, WeightDelta
-from editing.request import EditRequest
-from editing.safety import UnsafeInput
-from editing.session import EditSession
-from editing.tiny import tiny_model
+from editing.core.edit import EditError, ParamDelta, WeightDelta
+from editing.core.request import EditRequest
+from editing.core.safety import UnsafeInput
+from editing.core.session import EditSession
+from editing.models.tiny import tiny_model
 from tests.helpers import assert_params_equal, params_snapshot
 from ui import plots
 from ui.actions import describe_edit, load_stack_archive, stack_archive
@@ -129,7 +129,7 @@ def test_comparison_and_curve_figures_are_labelled():
 
 
 def test_trace_heatmap_marks_subject_tokens():
-    from editing.trace import TraceResult
+    from editing.analysis.trace import TraceResult
 
     result = TraceResult(scores=torch.rand(4, 3), tokens=["The", "Eiffel", "Tower", "is"], subject_range=(1, 3),
                          answer="France", base_score=0.9, low_score=0.1, kind="mlp")

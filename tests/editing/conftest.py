@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from editing import stats
+from editing.analysis import stats
 
 
 @pytest.fixture

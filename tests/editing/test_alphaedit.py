@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing import stats
-from editing.compute import context_keys, mlp_key_value
-from editing.context import memit_context_templates
-from editing.edit import load_edit
+from editing.analysis import stats
+from editing.analysis.scoring import score_targets
+from editing.core.edit import load_edit
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
 from editing.methods import alphaedit, get_method
 from editing.methods.alphaedit import (
     AlphaEditDelta,
@@ -18,10 +19,9 @@ from editing.methods.alphaedit import (
     null_space,
     null_space_projection,
 )
-from editing.request import EditRequest
-from editing.scoring import score_targets
-from editing.session import EditSession
-from editing.tiny import tiny_model
+from editing.methods.compute import context_keys, mlp_key_value
+from editing.methods.context import memit_context_templates
+from editing.models.tiny import tiny_model
 from tests.editing.test_rome import counterfact_cases, efficacy_hits
 from tests.helpers import assert_params_equal, params_snapshot
 

@@ -13,13 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from editing.edit import handle_stack
+from editing.core.edit import handle_stack
+from editing.core.request import EditRequest, InvalidEditRequest
+from editing.core.session import EditSession
 from editing.methods import InvalidHParams, available_methods, get_method, method_class
 from editing.methods.base import HParams, check_spelled
-from editing.request import EditRequest, InvalidEditRequest
-from editing.session import EditSession
-from editing.tiny import tiny_model
-from editing.tokens import unknown_words
+from editing.models.tiny import tiny_model
+from editing.models.tokens import unknown_words
 from tests.helpers import assert_params_equal, params_snapshot
 
 CAPITAL = "The capital of {} is"

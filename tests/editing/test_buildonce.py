@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from editing.buildonce import BuildFailed, build_once, read_progress
+from editing.storage.buildonce import BuildFailed, build_once, read_progress
 
 
 def _write_marker(folder, report):

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.edit import handle_stack
-from editing.factbase import load_factbase
-from editing.hooks import capture
-from editing.learned import target_batch
+from editing.core.edit import handle_stack
+from editing.core.hooks import capture
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
+from editing.learning.targets import target_batch
 from editing.methods import get_method
 from editing.methods.calinet import CalibrationFFN, CaliNETHParams
-from editing.patching import ffn_activation, last_block_readout, training_prompts
-from editing.request import EditRequest
-from editing.session import EditSession
-from editing.tiny import tiny_model
+from editing.methods.patching import ffn_activation, last_block_readout, training_prompts
+from editing.models.tiny import tiny_model
+from editing.storage.factbase import load_factbase
 from editing.train import edit_records
 from tests.helpers import (
     agreement,

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from editing.concurrency import PriorityLock, background_priority, configure_threads, is_background
+from editing.core.concurrency import PriorityLock, background_priority, configure_threads, is_background
 
 
 def _wait_until(condition, seconds: float = 10.0) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-import editing.demo as demo_module
-from editing.demo import (
+import editing.models.demo as demo_module
+from editing.analysis.scoring import top_predictions
+from editing.models.demo import (
     DemoConfig,
     build_tokenizer,
     demo_key,
@@ -14,8 +15,7 @@ from editing.demo import (
     shipped_record,
     weights_sha256,
 )
-from editing.factbase import load_corpus, load_factbase
-from editing.scoring import top_predictions
+from editing.storage.factbase import load_corpus, load_factbase
 
 
 def test_build_is_cached_and_reports_accuracy(demo_handle):
@@ -35,7 +35,8 @@ def test_the_shipped_weights_are_current_and_are_the_ones_loaded(demo_handle):
     record = shipped_record()
     assert record is not None, "data/demo-model/build.json is missing"
     assert record["key"] == demo_key(), (
-        "the shipped demo model was built for other data or settings: rebuild it with `python -m editing.demo --ship`")
+        "the shipped demo model was built for other data or settings: rebuild it with "
+        "`python -m editing.models.demo --ship`")
     assert weights_sha256(demo_handle.model) == record["weights_sha256"], (
         f"the cached demo model ({demo_model_dir()}) is not the shipped one: delete that folder and run "
         "`python -m editing.prepare`")

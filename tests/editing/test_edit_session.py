@@ -9,7 +9,7 @@ from typing import ClassVar
 import pytest
 import torch
 
-from editing.edit import (
+from editing.core.edit import (
     EditError,
     EditOrderError,
     InferenceWrapper,
@@ -21,9 +21,9 @@ from editing.edit import (
     load_edit,
     register_edit_type,
 )
-from editing.request import EditRequest
-from editing.session import EditSession
-from editing.tiny import tiny_model
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
+from editing.models.tiny import tiny_model
 from tests.helpers import assert_params_equal, params_snapshot, random_delta
 
 REQ = EditRequest("The capital of {} is", "France", "Lyon", "Paris")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.edit import load_edit
+from editing.analysis.scoring import last_token_logprobs, score_targets
+from editing.core.edit import load_edit
+from editing.core.request import EditRequest
 from editing.methods import get_method
 from editing.methods.ft import (
     FTHParams,
@@ -17,10 +19,8 @@ from editing.methods.ft import (
     objective_loss,
     tuned_parameter_names,
 )
-from editing.request import EditRequest
-from editing.scoring import last_token_logprobs, score_targets
-from editing.tiny import tiny_model
-from editing.tokens import target_ids
+from editing.models.tiny import tiny_model
+from editing.models.tokens import target_ids
 from editing.train import edit_records
 from tests.helpers import assert_params_equal, params_snapshot
 

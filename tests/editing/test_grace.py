@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.edit import handle_stack
+from editing.core.edit import handle_stack
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
 from editing.methods import get_method
 from editing.methods.grace import GRACEHParams, GracePatch, active_grace_edits, count_codebook_entries, merged_codebook
-from editing.patching import module_inputs
-from editing.request import EditRequest
-from editing.session import EditSession
+from editing.methods.patching import module_inputs
 from editing.train import edit_records
 from tests.helpers import (
     agreement,

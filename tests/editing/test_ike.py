@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.edit import EditError, handle_stack
-from editing.embeddings import MiniLMEncoder, ModelMeanEncoder, sentence_encoder, top_k_similar
+from editing.analysis.embeddings import MiniLMEncoder, ModelMeanEncoder, sentence_encoder, top_k_similar
+from editing.analysis.scoring import score_routes, score_targets
+from editing.core.edit import EditError, handle_stack
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
 from editing.methods import get_method
 from editing.methods.ike import (
     IkeEdit,
@@ -17,11 +20,8 @@ from editing.methods.ike import (
     pool_with_keys,
     select_demonstrations,
 )
-from editing.request import EditRequest
-from editing.scoring import score_routes, score_targets
-from editing.session import EditSession
-from editing.tiny import tiny_model
-from editing.tokens import encode
+from editing.models.tiny import tiny_model
+from editing.models.tokens import encode
 from editing.train import edit_records
 from tests.helpers import assert_params_equal, params_snapshot
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.learned import (
+from editing.core.request import EditRequest
+from editing.learning.learned import (
     default_edit_layers,
     evaluate_editor,
     gradient_factors,
     mlp_weight_names,
     out_in_shape,
-    target_batch,
 )
+from editing.learning.targets import target_batch
 from editing.methods import get_method
 from editing.methods.ke import KEEditor, build_editor, condition_ids, embed_conditions
-from editing.request import EditRequest
-from editing.tiny import tiny_model
+from editing.models.tiny import tiny_model
 from editing.train import TRAINERS, edit_records, train_editor
 from tests.helpers import (
     assert_learned_editor_edits_bfloat16,

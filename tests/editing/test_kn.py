@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.edit import load_edit
-from editing.factbase import load_factbase
-from editing.hooks import modify
+from editing.analysis.scoring import score_targets
+from editing.core.edit import load_edit
+from editing.core.hooks import modify
+from editing.core.request import EditRequest
 from editing.methods import get_method
 from editing.methods.kn import KNHParams, last_position_logits, neuron_attributions, refine_neurons
-from editing.request import EditRequest
-from editing.scoring import score_targets
-from editing.tiny import tiny_model
-from editing.tokens import encode, pad_batch, pad_id, target_ids
+from editing.models.tiny import tiny_model
+from editing.models.tokens import encode, pad_batch, pad_id, target_ids
+from editing.storage.factbase import load_factbase
 from editing.train import edit_records
 from tests.helpers import assert_params_equal, params_snapshot
 

@@ -1,4 +1,4 @@
-"""Wall time and peak memory measurement (editing.measure): it sees what a block allocates."""
+"""Wall time and peak memory measurement (editing.core.measure): it sees what a block allocates."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from editing.measure import current_rss_bytes, measure
+from editing.core.measure import current_rss_bytes, measure
 
 MIB = 2**20
 

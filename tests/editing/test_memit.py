@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from editing import stats
-from editing.compute import residuals
-from editing.context import memit_context_templates
-from editing.edit import WeightDelta
+from editing.analysis import stats
+from editing.core.edit import WeightDelta
+from editing.core.request import EditRequest
 from editing.methods import get_method
+from editing.methods.compute import residuals
+from editing.methods.context import memit_context_templates
 from editing.methods.memit import MEMIT_PRESETS, MEMITHyperParams, compute_memit_update, memit_layers
-from editing.request import EditRequest
 from tests.editing.test_rome import counterfact_cases, efficacy_hits, neighbourhood_score, share
 from tests.helpers import assert_params_equal, params_snapshot
 

@@ -7,14 +7,15 @@ import re
 import pytest
 import torch
 
-from editing.edit import EditError
-from editing.learned import default_edit_layers, evaluate_editor, gradient_factors, mlp_weight_names, target_batch
+from editing.analysis.scoring import score_targets, top_predictions
+from editing.core.edit import EditError
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
+from editing.learning.learned import default_edit_layers, evaluate_editor, gradient_factors, mlp_weight_names
+from editing.learning.targets import target_batch
 from editing.methods import get_method
 from editing.methods.mend import GradientTransform, RunningMoments, build_editor
-from editing.request import EditRequest
-from editing.scoring import score_targets, top_predictions
-from editing.session import EditSession
-from editing.tiny import tiny_model
+from editing.models.tiny import tiny_model
 from editing.train import TRAINERS, edit_records, train_editor
 from tests.helpers import (
     assert_learned_editor_edits_bfloat16,

@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from editing import models
-from editing.arch import UnsupportedArchitecture, arch_for
-from editing.edit import float_masters
+from editing.core.edit import float_masters
+from editing.core.request import EditRequest
 from editing.methods import get_method
-from editing.models import ModelNotFound, check_placement, handle_from_model, load_model, main_device, pick_dtype
-from editing.request import EditRequest
-from editing.tiny import demo_tokenizer, tiny_model
+from editing.models import loader as models
+from editing.models.arch import UnsupportedArchitecture, arch_for
+from editing.models.loader import ModelNotFound, check_placement, handle_from_model, load_model, main_device, pick_dtype
+from editing.models.tiny import demo_tokenizer, tiny_model
 from tests.helpers import assert_params_equal, params_snapshot, random_delta
 
 

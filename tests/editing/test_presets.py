@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from editing.analysis.stats import corpus_defaults
 from editing.methods import get_method
 from editing.methods.alphaedit import SHALLOW_L2, AlphaEditHyperParams
 from editing.methods.base import scaled_layer
@@ -21,8 +22,7 @@ from editing.methods.memit import MEMIT_PRESETS, MEMITHyperParams, deep_lambda, 
 from editing.methods.presets import PRESETS_ENV, SHIPPED_DIR, method_presets, model_key, read_preset
 from editing.methods.presets.__main__ import main as presets_main
 from editing.methods.rome import ROME_DEPTH_FRACTION, ROME_PRESETS, ROMEHyperParams, is_shallow
-from editing.stats import corpus_defaults
-from editing.tiny import TINY_FAMILIES, tiny_model
+from editing.models.tiny import TINY_FAMILIES, tiny_model
 from eval.cli import _hparams_arg
 from eval.cli import main as cli_main
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from editing.request import EditRequest, InvalidEditRequest
+from editing.core.request import EditRequest, InvalidEditRequest
 
 
 def test_subject_in_prompt_is_normalised():

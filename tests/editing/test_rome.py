@@ -7,14 +7,14 @@ import random
 import pytest
 import torch
 
-from editing import stats
-from editing.compute import low_rank_delta, mlp_key_value
-from editing.edit import WeightDelta, load_edit
-from editing.factbase import load_factbase
+from editing.analysis import stats
+from editing.analysis.scoring import score_targets
+from editing.core.edit import WeightDelta, load_edit
+from editing.core.request import EditRequest
 from editing.methods import get_method
+from editing.methods.compute import low_rank_delta, mlp_key_value
 from editing.methods.rome import ROME_PRESETS, ROMEHyperParams, compute_rome_update, compute_rome_updates, rome_edit
-from editing.request import EditRequest
-from editing.scoring import score_targets
+from editing.storage.factbase import load_factbase
 from editing.train import edit_records
 from tests.helpers import assert_params_equal, params_snapshot
 
@@ -109,7 +109,7 @@ def test_update_writes_v_star_exactly_for_the_bare_prompt(tiny_handle, isolated_
 
 
 def test_hparams_scale_with_depth_and_keep_reference_presets():
-    from editing.tiny import tiny_model
+    from editing.models.tiny import tiny_model
 
     shallow = ROMEHyperParams.for_model(tiny_model("gpt2", n_layers=4))
     assert (shallow.layer, shallow.fact_token) == (0, "last")
@@ -177,7 +177,7 @@ def test_explicit_statistics_and_templates_reproduce_the_defaults(demo):
     hparams = ROMEHyperParams.for_model(demo).replace(v_num_grad_steps=6)
     default = compute_rome_update(demo, REQUEST, hparams)
     moment = stats.second_moment(demo, hparams.layer)
-    from editing.context import rome_context_templates
+    from editing.methods.context import rome_context_templates
 
     templates = rome_context_templates(demo)
     explicit = compute_rome_update(demo, REQUEST, hparams, second_moment_matrix=moment, context_templates=templates)

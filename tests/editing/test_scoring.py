@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.hooks import capture, forward_until, modify
-from editing.scoring import PromptTooLong, generate, score_targets, top_predictions
-from editing.tiny import tiny_model
-from editing.tokens import encode, subject_last_token, target_ids
+from editing.analysis.scoring import PromptTooLong, generate, score_targets, top_predictions
+from editing.core.hooks import capture, forward_until, modify
+from editing.models.tiny import tiny_model
+from editing.models.tokens import encode, subject_last_token, target_ids
 
 
 def test_target_ids_exclude_prompt_and_bos():

@@ -6,8 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from editing.edit import EditError, handle_stack
-from editing.factbase import load_factbase
+from editing.analysis.scoring import score_routes, score_targets, top_predictions
+from editing.core.edit import EditError, handle_stack
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
 from editing.methods import get_method
 from editing.methods.ike import IkeRoute
 from editing.methods.serac import (
@@ -17,15 +19,11 @@ from editing.methods.serac import (
     SeracEdit,
     SeracRoute,
     classifier_loss,
-    classifier_text,
     default_config,
-    edit_statement,
-    scope_examples,
 )
-from editing.request import EditRequest
-from editing.scoring import score_routes, score_targets, top_predictions
-from editing.session import EditSession
-from editing.tiny import tiny_model
+from editing.methods.serac_data import classifier_text, edit_statement, scope_examples
+from editing.models.tiny import tiny_model
+from editing.storage.factbase import load_factbase
 from editing.train import edit_records, train_editor, trained_checkpoint
 from tests.helpers import assert_params_equal, params_snapshot
 

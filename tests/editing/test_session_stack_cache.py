@@ -15,8 +15,8 @@ from typing import ClassVar
 import pytest
 import torch
 
-import editing.session as session_module
-from editing.edit import (
+import editing.core.session as session_module
+from editing.core.edit import (
     EditError,
     InferenceWrapper,
     ModulePatch,
@@ -26,10 +26,10 @@ from editing.edit import (
     float_masters,
     handle_stack,
 )
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
 from editing.methods.base import EditMethod, HParams
-from editing.request import EditRequest
-from editing.session import EditSession
-from editing.tiny import tiny_model
+from editing.models.tiny import tiny_model
 from tests.helpers import assert_params_equal, params_snapshot, random_delta
 
 REQ = EditRequest("The capital of {} is", "France", "Rome", "Paris")

@@ -14,11 +14,12 @@ import re
 import pytest
 import torch
 
-from editing import compute, pretrained
-from editing.compute import ValueHParams, optimise_values
-from editing.models import ModelNotFound, load_model
-from editing.request import EditRequest
-from editing.tiny import tiny_model
+from editing.core.request import EditRequest
+from editing.methods import compute
+from editing.methods.compute import ValueHParams, optimise_values
+from editing.models import pretrained
+from editing.models.loader import ModelNotFound, load_model
+from editing.models.tiny import tiny_model
 from tests.helpers import assert_params_equal, params_snapshot
 
 NAME = "smollm2-135m"
@@ -121,9 +122,9 @@ def test_replayed_blocks_give_bit_identical_values(family, monkeypatch):
 
 
 def test_closed_vocabulary_models_keep_the_bundled_corpus_and_bos_templates():
-    from editing.context import bos_starts_text
+    from editing.analysis.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, corpus_defaults
+    from editing.methods.context import bos_starts_text
     from editing.methods.rome import ROMEHyperParams
-    from editing.stats import DEFAULT_CORPUS, DEFAULT_SAMPLES, corpus_defaults
 
     handle = tiny_model("llama")  # the demo tokenizer: word-level, no chat template
     assert corpus_defaults(handle) == {}
@@ -133,7 +134,7 @@ def test_closed_vocabulary_models_keep_the_bundled_corpus_and_bos_templates():
 
 
 def test_prose_corpus_is_real_text():
-    from editing.stats import prose_texts, resolve_corpus
+    from editing.analysis.stats import prose_texts, resolve_corpus
 
     texts = prose_texts()
     assert len(texts) > 1000 and len(set(texts)) == len(texts)
@@ -160,7 +161,7 @@ def smollm2():
 
 
 def greedy(handle, prompt: str) -> str:
-    from editing.scoring import generate
+    from editing.analysis.scoring import generate
 
     return generate(handle, [prompt], max_new_tokens=2)[0].strip()
 
@@ -181,11 +182,11 @@ def test_smollm2_loads_and_knows_real_facts(smollm2):
 @pytest.mark.realmodel
 @needs_smollm2
 def test_smollm2_is_edited_at_the_subject_as_in_the_papers(smollm2):
-    from editing.context import ROME_TEXT_STARTS, memit_context_templates, rome_context_templates
+    from editing.analysis.stats import PROSE_CORPUS
     from editing.methods.alphaedit import AlphaEditHyperParams
+    from editing.methods.context import ROME_TEXT_STARTS, memit_context_templates, rome_context_templates
     from editing.methods.memit import MEMITHyperParams
     from editing.methods.rome import ROMEHyperParams, is_shallow
-    from editing.stats import PROSE_CORPUS
 
     assert not is_shallow(smollm2)  # the demo's last-token rule is for models of <= 6 layers
     rome = ROMEHyperParams.for_model(smollm2)
@@ -207,7 +208,7 @@ def test_smollm2_is_edited_at_the_subject_as_in_the_papers(smollm2):
 @pytest.mark.realmodel
 @needs_smollm2
 def test_rome_moves_the_eiffel_tower_to_rome_and_undo_restores_every_bit(smollm2):
-    from editing.session import EditSession
+    from editing.core.session import EditSession
 
     before = params_snapshot(smollm2)
     session = EditSession(smollm2)

@@ -7,7 +7,7 @@ training loop run a few steps here (hparams overrides) to keep the module short;
 methods whose defaults are cheap (FT, FT-L, FT-M, GRACE) run with their SmolLM2 defaults and
 must also make Rome the greedy answer while "The Louvre is located in the city of" keeps Paris.
 
-Skipped only when SmolLM2 is not installed (``editing.pretrained.available_pretrained()``).
+Skipped only when SmolLM2 is not installed (``editing.models.pretrained.available_pretrained()``).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import torch
 
-from editing import pretrained
-from editing.models import load_model
-from editing.request import EditRequest
-from editing.scoring import score_routes, top_predictions_routed
-from editing.session import EditSession
+from editing.analysis.scoring import score_routes, top_predictions_routed
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
+from editing.models import pretrained
+from editing.models.loader import load_model
 from tests.helpers import assert_params_equal, params_snapshot
 
 NAME = "smollm2-135m"

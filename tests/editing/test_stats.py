@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from editing import stats
-from editing.hooks import capture
-from editing.tiny import tiny_model
+from editing.analysis import stats
+from editing.core.hooks import capture
+from editing.models.tiny import tiny_model
 
 TEXTS = [
     "Paris is the capital of France .",

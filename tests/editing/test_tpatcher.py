@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.edit import ParamDelta, WeightDelta, handle_stack
+from editing.core.edit import ParamDelta, WeightDelta, handle_stack
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
 from editing.methods import get_method
+from editing.methods.patching import edits_changing_mlp_input, statement_inputs
 from editing.methods.tpatcher import TPatch, TPatcherHParams, count_patch_neurons
-from editing.patching import edits_changing_mlp_input, statement_inputs
-from editing.request import EditRequest
-from editing.session import EditSession
-from editing.tiny import tiny_model
+from editing.models.tiny import tiny_model
 from editing.train import edit_records
 from tests.helpers import (
     agreement,

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from editing.trace import (
+from editing.analysis.trace import (
     KINDS,
     TraceResult,
     causal_trace,

@@ -7,23 +7,20 @@ import json
 import pytest
 import torch
 
-from editing.edit import EditError, WeightDelta, handle_stack
-from editing.learned import (
+from editing.core.edit import EditError, WeightDelta, handle_stack
+from editing.learning.editor_data import batch_indices, neighbour_facts, record_batch
+from editing.learning.learned import (
     EDITOR_TENSORS,
     LowRankShift,
-    batch_indices,
     default_edit_layers,
     gradient_factors,
-    load_tensors,
     mlp_weight_names,
-    neighbour_facts,
     out_in_shape,
-    record_batch,
     shifted,
-    target_batch,
-    target_nll,
     to_param_delta,
 )
+from editing.learning.targets import target_batch, target_nll
+from editing.learning.training import load_tensors
 from editing.methods import get_method
 from editing.train import (
     EDITORS_ENV,
@@ -252,8 +249,8 @@ def test_neighbour_facts_share_the_template_and_become_locality_rows(demo):
 
 
 def test_a_chosen_checkpoint_must_be_a_finished_editor_of_that_method_for_this_model(fresh_cache):
-    from editing.request import EditRequest
-    from editing.tiny import tiny_model
+    from editing.core.request import EditRequest
+    from editing.models.tiny import tiny_model
 
     gpt2, llama = tiny_model("gpt2"), tiny_model("llama")
     request = EditRequest("The capital of {} is", "France", "Berlin", "Paris")
@@ -282,7 +279,7 @@ def test_a_chosen_checkpoint_must_be_a_finished_editor_of_that_method_for_this_m
 
 
 def test_readiness_follows_the_chosen_checkpoint(fresh_cache):
-    from editing.tiny import tiny_model
+    from editing.models.tiny import tiny_model
 
     handle = tiny_model("gpt2")
     folder, _ = train_editor(handle, "KE", {"steps": 2, "batch_size": 2, "n_eval": 0})
@@ -295,9 +292,9 @@ def test_readiness_follows_the_chosen_checkpoint(fresh_cache):
 
 def test_every_learned_part_uses_one_checkpoint_format_and_older_ones_are_refused(fresh_cache, monkeypatch):
     import editing.train
-    from editing.tiny import tiny_model
-    from editing.training import CHECKPOINT_FORMAT
-    from editing.training import load_tensors as load_part
+    from editing.learning.training import CHECKPOINT_FORMAT
+    from editing.learning.training import load_tensors as load_part
+    from editing.models.tiny import tiny_model
 
     handle = tiny_model("gpt2")
     folder, _ = train_editor(handle, "MEND", {"steps": 2, "batch_size": 2, "n_eval": 0, "checkpoint_every": 1})

@@ -3,7 +3,7 @@ edit being judged.
 
 Locality is scored on neighbour and unrelated probes (:mod:`eval.probes`); a method trained to keep
 those very facts unchanged would be scored on its own training data. One rule
-(:func:`editing.patching.in_training_memory`) splits the fact base's subjects into a probe side and
+(:func:`editing.methods.patching.in_training_memory`) splits the fact base's subjects into a probe side and
 a memory side; these tests build the probes as the evaluation does, for several seeds and far more
 neighbours than the default, and check that no method's memory touches any of their subjects. The
 learned editors train once for all edits, so theirs is also checked against the probes of every
@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import pytest
 
-import editing.learned as learned
+import editing.learning.learned as learned
 import editing.methods.serac as serac
-from editing.factbase import is_memory_subject, load_factbase
-from editing.learned import QUICK_TRAINING
+from editing.core.request import EditRequest
+from editing.learning.learned import QUICK_TRAINING
 from editing.methods.calinet import CaliNETHParams, kept_prompts
 from editing.methods.ike import build_pool
-from editing.patching import in_training_memory, statement_inputs
-from editing.request import EditRequest
-from editing.tiny import tiny_model
+from editing.methods.patching import in_training_memory, statement_inputs
+from editing.models.tiny import tiny_model
+from editing.storage.factbase import is_memory_subject, load_factbase
 from editing.train import edit_records, train_editor
 from eval.datasets import factbase_cases
 from eval.probes import probes_for_request
@@ -179,7 +179,7 @@ def test_mend_and_ke_keep_unchanged_only_training_memory_facts(monkeypatch, isol
 
 
 def _relation(request: EditRequest) -> str:
-    from editing.patching import relation_of
+    from editing.methods.patching import relation_of
 
     relation = relation_of(request)
     assert relation is not None

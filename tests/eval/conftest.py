@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from editing.edit import Edit, ParamDelta, WeightDelta
-from editing.hooks import capture
+from editing.analysis.scoring import last_token_logprobs
+from editing.core.edit import Edit, ParamDelta, WeightDelta
+from editing.core.hooks import capture
+from editing.core.request import EditRequest
 from editing.methods.base import METHODS, EditMethod, HParams, ProgressFn
-from editing.models import ModelHandle
-from editing.request import EditRequest
-from editing.scoring import last_token_logprobs
-from editing.tokens import encode, pad_batch, pad_id, target_ids
+from editing.models.loader import ModelHandle
+from editing.models.tokens import encode, pad_batch, pad_id, target_ids
 
 TEST_METHOD = "TestRankOne"
 

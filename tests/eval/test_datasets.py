@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from editing.factbase import FACTBASE_PATH, load_factbase
+from editing.storage.factbase import FACTBASE_PATH, load_factbase
 from eval.datasets import DatasetError, EditCase, detect_format, load_dataset
 
 

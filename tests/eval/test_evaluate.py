@@ -8,9 +8,9 @@ from typing import ClassVar
 
 import pytest
 
-from editing.edit import InferenceWrapper, Route, register_edit_type
-from editing.request import EditRequest
-from editing.session import EditSession
+from editing.core.edit import InferenceWrapper, Route, register_edit_type
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
 from eval import evaluate as evaluate_module
 from eval.datasets import load_dataset
 from eval.evaluate import TABLE_COLUMNS, evaluate_edit, predict
@@ -45,7 +45,7 @@ def test_evaluate_edit_round_trip(demo, rank_one_method):
     assert 0.0 <= outcome.metrics["locality"] <= 1.0
     loc = table[table.kind == "locality"]
     assert outcome.metrics["locality"] == pytest.approx(loc["agreement"].mean())
-    # the edit's own measurement, not the evaluation's (editing.measure is tested on its own)
+    # the edit's own measurement, not the evaluation's (editing.core.measure is tested on its own)
     assert outcome.wall_time_s == outcome.edit.stats.wall_time_s > 0
     assert outcome.peak_memory_bytes == outcome.edit.stats.peak_memory_bytes
     assert outcome.memory_kind == outcome.edit.stats.memory_kind == ("cuda" if demo.device.type == "cuda" else "rss")

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from editing.scoring import TargetScore
-from editing.session import EditSession
-from editing.tiny import tiny_model
+from editing.analysis.scoring import TargetScore
+from editing.core.session import EditSession
+from editing.models.tiny import tiny_model
 from eval.evaluate import predict
 from eval.metrics import (
     METRIC_KEYS,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from editing.factbase import load_factbase
-from editing.request import EditRequest
+from editing.core.request import EditRequest
+from editing.storage.factbase import load_factbase
 from eval.probes import IN_SCOPE_KINDS, PROBE_KINDS, Probe, ProbeSet, probes_for_request, probes_for_requests
 
 EIFFEL = EditRequest("{} is a famous landmark in", "Eiffel Tower", "Italy", "France")

@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from editing import context, stats
-from editing.request import EditRequest
+from editing.analysis import stats
+from editing.core.request import EditRequest
+from editing.methods import context
 from eval import realcost
 
 DEMO_REQUESTS = [EditRequest("{} is a famous landmark in", "Eiffel Tower", "Italy", "France"),

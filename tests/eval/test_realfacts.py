@@ -8,10 +8,10 @@ import json
 import pandas as pd
 import pytest
 
-from editing.factbase import is_memory_subject, load_factbase
-from editing.request import EditRequest
-from editing.scoring import generate
-from editing.session import EditSession
+from editing.analysis.scoring import generate
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
+from editing.storage.factbase import is_memory_subject, load_factbase
 from eval import realfacts, realmodel
 from eval.datasets import load_dataset
 from eval.evaluate import GENERATION_COLUMNS, GENERATION_KINDS, evaluate_edit
@@ -182,7 +182,7 @@ def test_probes_for_a_typed_fact_come_from_the_known_facts():
     loc = probes.by_kind("locality")
     # neighbours: the same prompt about other known cities, with the model's answers; none whose answer
     # is the new target, and only probe-side subjects: Marseille, Munich and Hamburg are on the training
-    # memory's side of the split (editing.factbase.is_memory_subject), so no method's memory can hold them
+    # memory's side of the split (editing.storage.factbase.is_memory_subject), so no method's memory can hold them
     assert not any(is_memory_subject(s) for s in ("Rotterdam", "Milan")) and \
         all(is_memory_subject(s) for s in ("Marseille", "Munich", "Hamburg", "Naples"))
     assert [(p.subject, p.answer) for p in loc] == [("Rotterdam", "the Netherlands")]

@@ -8,7 +8,7 @@ import threading
 import pandas as pd
 import pytest
 
-from editing.edit import handle_stack
+from editing.core.edit import handle_stack
 from eval.datasets import load_dataset
 from eval.runs import run_experiment
 from eval.store import RunStore
@@ -146,8 +146,8 @@ def test_sequential_steps_do_constant_tensor_work_and_match_the_plain_path(demo,
                                                                            monkeypatch):
     """Each step of a sequential run applies two weight deltas (the new edit, then again for the
     judging) whatever the number of edits so far; the cached stack answers as the plain path does."""
-    from editing.edit import WeightDelta
-    from editing.session import EditSession
+    from editing.core.edit import WeightDelta
+    from editing.core.session import EditSession
 
     applies: list[int] = [0]
     per_step: list[int] = []

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from editing.request import EditRequest
-from editing.session import EditSession
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
 from eval.datasets import load_dataset
 from eval.probes import ProbeSet, merge_probesets, probes_for_request
 from eval.scope import POINT_COLUMNS, edited_layer, hidden_states, scope_map, warm_up_umap
@@ -82,7 +82,7 @@ def test_hidden_states_are_the_block_outputs(demo):
 def test_edited_layer_defaults():
     import torch
 
-    from editing.edit import ParamDelta, WeightDelta
+    from editing.core.edit import ParamDelta, WeightDelta
 
     def delta(hparams, info=None):
         return WeightDelta(method="x", requests=[EIFFEL], hparams=hparams, info=info or {},

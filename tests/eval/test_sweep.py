@@ -65,7 +65,7 @@ def local_ray():
     """A local Ray instance of 2 CPUs for this module's sweeps (a start costs seconds), shut down after."""
     import ray
 
-    from editing.demo import demo_is_built
+    from editing.models.demo import demo_is_built
 
     if not demo_is_built():
         pytest.fail("The demo model is not in the cache: run `python -m editing.prepare` first.", pytrace=False)

@@ -60,6 +60,6 @@ def first_ready(handle, candidates: tuple[str, ...], kind: str | None = None) ->
 
 def last_logprobs(handle, prompts: list[str]) -> torch.Tensor:
     """Next-token log-probabilities of every prompt (the shared scoring path)."""
-    from editing.scoring import last_token_logprobs
+    from editing.analysis.scoring import last_token_logprobs
 
     return last_token_logprobs(handle, prompts)

@@ -17,14 +17,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from editing import safety
-from editing.edit import EditError, handle_stack
+from editing.core import safety
+from editing.core.edit import EditError, handle_stack
+from editing.core.request import MAX_FIELD_CHARS, EditRequest, InvalidEditRequest
+from editing.core.session import EditSession
 from editing.methods import available_methods, get_method
-from editing.models import ModelNotFound, load_model
-from editing.request import MAX_FIELD_CHARS, EditRequest, InvalidEditRequest
-from editing.session import EditSession
-from editing.tiny import tiny_model
-from editing.tokens import encode
+from editing.models.loader import ModelNotFound, load_model
+from editing.models.tiny import tiny_model
+from editing.models.tokens import encode
 from tests.helpers import assert_params_equal, params_snapshot
 from tests.reliability.common import few_steps, last_logprobs, run_hparams
 
@@ -159,7 +159,7 @@ def test_too_long_inputs_are_refused_before_any_work():
 
 def test_probes_longer_than_the_context_are_a_clear_error_and_the_session_is_kept():
     pytest.importorskip("eval.evaluate")
-    from editing.scoring import PromptTooLong
+    from editing.analysis.scoring import PromptTooLong
     from eval.evaluate import evaluate_edit, predict
     from eval.probes import Probe, ProbeSet
 

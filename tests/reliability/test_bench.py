@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from editing.measure import current_rss_bytes
+from editing.core.measure import current_rss_bytes
 from editing.methods import available_methods, get_method
-from editing.tiny import tiny_model
+from editing.models.tiny import tiny_model
 from editing.train import EDITORS_ENV
 from eval.bench import cases, common, report, rows, run
 from eval.realcost import EditCost
@@ -41,7 +41,7 @@ def test_a_quick_run_measures_every_case_and_writes_csv_plot_and_markdown(tmp_pa
     assert measured.status == "ok" and measured.n_edits == config.n_edits_tiny
     assert 0 < measured.min_s <= measured.median_s <= measured.max_s and measured.cold_s > 0
     assert measured.median_cpu_s > 0
-    # growth above the start of each edit (editing.measure, tested in tests/editing/test_measure.py),
+    # growth above the start of each edit (editing.core.measure, tested in tests/editing/test_measure.py),
     # never the process's whole resident size (what a lost baseline would report)
     assert measured.memory_kind in ("rss", "cuda") and measured.peak_memory_bytes < current_rss_bytes()
     assert measured.edit_size_bytes > 0

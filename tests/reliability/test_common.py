@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from editing.tiny import tiny_model
+from editing.models.tiny import tiny_model
 from editing.train import EDITORS_ENV
 from tests.reliability.common import run_hparams
 

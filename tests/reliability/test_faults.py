@@ -17,11 +17,11 @@ from typing import ClassVar
 import pytest
 import torch
 
-from editing.edit import EditError, ParamDelta, WeightDelta, handle_stack, load_edit
+from editing.core.edit import EditError, ParamDelta, WeightDelta, handle_stack, load_edit
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
 from editing.methods import EditMethod, HParams, available_methods, get_method
-from editing.request import EditRequest
-from editing.session import EditSession
-from editing.tiny import tiny_model
+from editing.models.tiny import tiny_model
 from tests import helpers
 from tests.helpers import assert_params_equal, params_snapshot
 from tests.reliability.common import few_steps, run_hparams
@@ -215,7 +215,7 @@ def test_the_run_store_survives_a_process_killed_mid_transaction(tmp_path):
     hparams = few_steps(tiny_model("gpt2"), method)
     script = f"""
         import json, os
-        from editing.tiny import tiny_model
+        from editing.models.tiny import tiny_model
         from eval.datasets import load_dataset
         from eval.runs import run_experiment
         from eval.store import RunStore
@@ -331,7 +331,7 @@ def test_a_failed_edit_save_keeps_the_previous_files(tmp_path):
     path = good.save(tmp_path / "edit")
     staged = big_delta(handle).save(tmp_path / "staged" / "big")
     assert staged.with_suffix(".safetensors").stat().st_size > LIMIT
-    [outcome] = _write_limited("from editing.edit import load_edit",
+    [outcome] = _write_limited("from editing.core.edit import load_edit",
                                [f"load_edit({str(staged)!r}).save({str(path)!r})"])
     assert outcome.startswith("FAILED"), outcome
     loaded = load_edit(path)
@@ -353,7 +353,7 @@ def test_a_failed_session_save_keeps_the_previous_stack(tmp_path):
     newer.push(big_delta(handle))  # ... this one hits the limit
     newer.push(random_delta(handle, seed=5))
     newer.save(tmp_path / "staged")
-    imports = ("import types\nfrom editing.session import EditSession\n"
+    imports = ("import types\nfrom editing.core.session import EditSession\n"
                "stack = EditSession(types.SimpleNamespace(name='tiny-gpt2'))  # saving needs only the name\n"
                f"stack.load({str(tmp_path / 'staged')!r})")
     [outcome] = _write_limited(imports, [f"stack.save({str(folder)!r})"])

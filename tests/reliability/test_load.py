@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from editing.edit import handle_stack
-from editing.request import EditRequest
-from editing.session import EditSession
+from editing.core.edit import handle_stack
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
 from editing.train import edit_records
 from tests.helpers import assert_params_equal, params_snapshot
 from tests.reliability.common import few_steps, first_ready, last_logprobs

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from editing import safety
-from editing.edit import EditError, load_edit
-from editing.models import load_model
-from editing.request import EditRequest
-from editing.session import EditSession
-from editing.tiny import tiny_model
+from editing.core import safety
+from editing.core.edit import EditError, load_edit
+from editing.core.request import EditRequest
+from editing.core.session import EditSession
+from editing.models.loader import load_model
+from editing.models.tiny import tiny_model
 from tests.helpers import random_delta
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,7 +58,7 @@ def saved_tiny(tmp_path) -> Path:
 
 # -- model loading -------------------------------------------------------------------------------
 def test_load_model_passes_trust_remote_code_false_and_never_forbids_safetensors(saved_tiny, monkeypatch):
-    import editing.models as models
+    import editing.models.loader as models
 
     calls: list[tuple[str, dict]] = []
     for cls_name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"):

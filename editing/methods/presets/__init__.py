@@ -51,7 +51,7 @@ from editing.methods.checks import InvalidHParams, check_fields
 
 if TYPE_CHECKING:
     from editing.methods.base import HParams
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 #: the folder of the presets shipped with EditScope
 SHIPPED_DIR = Path(__file__).resolve().parent

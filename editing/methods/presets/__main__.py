@@ -17,7 +17,7 @@ from editing.methods.presets import PRESETS_ENV, find_preset, method_presets, mo
 
 def effective(method: str, model: str) -> dict[str, Any]:
     """What ``method`` uses on ``model`` by default, and which preset file set part of it."""
-    from editing.models import load_model
+    from editing.models.loader import load_model
 
     cls = method_class(method).hparams_class
     handle = load_model(model)

@@ -13,7 +13,7 @@ for and the SHA-256 of their parameters: on first use they are unpacked into the
 a second instead of trained for 4–15 minutes, and every machine edits the very same model (float
 reductions differ between CPUs, so a rebuild elsewhere may differ in the last bits). The shipped
 copy is used only while its key matches the current data and config; otherwise the model is
-trained. ``python -m editing.demo --verify`` retrains and compares with the shipped weights;
+trained. ``python -m editing.models.demo --verify`` retrains and compares with the shipped weights;
 ``--ship`` retrains and replaces them.
 """
 
@@ -33,10 +33,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from editing.buildonce import ProgressFn, build_once
-from editing.factbase import CORPUS_PATH, FACTBASE_PATH, FactBase, load_corpus, load_factbase
-from editing.files import atomic_write_text
-from editing.paths import DATA_DIR, cache_dir
+from editing.storage.buildonce import ProgressFn, build_once
+from editing.storage.factbase import CORPUS_PATH, FACTBASE_PATH, FactBase, load_corpus, load_factbase
+from editing.storage.files import atomic_write_text
+from editing.storage.paths import DATA_DIR, cache_dir
 
 BUILD_VERSION = 1
 TRAIN_THREADS = 2
@@ -97,7 +97,7 @@ def ensure_demo_model(config: DemoConfig | None = None, progress: ProgressFn | N
 
     The shipped weights are unpacked when they were built for this key; otherwise the model is
     trained. Concurrent processes wait for one build (and relay its progress, see
-    :func:`editing.buildonce.build_once`) instead of racing.
+    :func:`editing.storage.buildonce.build_once`) instead of racing.
     """
     config = config or DemoConfig()
     key = demo_key(config)
@@ -209,7 +209,7 @@ def train_demo_model(folder: Path, config: DemoConfig = DemoConfig(), progress: 
     """Train the demo model and save it (with ``report.json`` of its accuracy) into ``folder``.
 
     The folder is written in place: callers that need it to appear whole build into a temporary
-    folder (:func:`ensure_demo_model` does, through :func:`editing.buildonce.build_once`).
+    folder (:func:`ensure_demo_model` does, through :func:`editing.storage.buildonce.build_once`).
     """
     from tqdm.auto import tqdm
 
@@ -319,8 +319,8 @@ def _print_progress(fraction: float, message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m editing.demo [--verify | --ship]`: find (unpack or build) the demo model and report."""
-    parser = argparse.ArgumentParser(prog="python -m editing.demo", description=main.__doc__)
+    """`python -m editing.models.demo [--verify | --ship]`: find (unpack or build) the demo model and report."""
+    parser = argparse.ArgumentParser(prog="python -m editing.models.demo", description=main.__doc__)
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--verify", action="store_true", help="retrain and compare with the shipped weights")
     action.add_argument("--ship", action="store_true", help="retrain and replace the shipped weights")

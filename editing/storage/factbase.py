@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
 
-from editing.paths import DATA_DIR
+from editing.storage.paths import DATA_DIR
 
 FACTBASE_PATH = DATA_DIR / "factbase.json"
 CORPUS_PATH = DATA_DIR / "corpus.txt"
@@ -141,7 +141,7 @@ def is_memory_subject(subject: str) -> bool:
     """Whether ``subject`` is on the *training-memory* side of the fixed split of subjects.
 
     Methods that train to keep facts unchanged or show them as examples (CaliNET's locality term,
-    T-Patcher's memory set, IKE's demonstrations; :func:`editing.patching.in_training_memory`) take
+    T-Patcher's memory set, IKE's demonstrations; :func:`editing.methods.patching.in_training_memory`) take
     them only from memory subjects, and :mod:`eval.probes` draws neighbour and unrelated probes only
     from the other subjects: no method is scored on a fact it was trained to keep, whatever the
     probe seed or count. The split is a stable hash of the name (Python's ``hash()`` is salted per

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from editing.arch import SUPPORTED_FAMILIES, ArchSpec, arch_for
-from editing.concurrency import PriorityLock
+from editing.core.concurrency import PriorityLock
+from editing.models.arch import SUPPORTED_FAMILIES, ArchSpec, arch_for
 
 
 class ModelNotFound(ValueError):
@@ -22,7 +22,7 @@ class ModelNotFound(ValueError):
 class ModelHandle:
     """A loaded causal LM shared by every edit session of a process.
 
-    The weights are never changed at rest: an :class:`~editing.session.EditSession` applies its
+    The weights are never changed at rest: an :class:`~editing.core.session.EditSession` applies its
     edits while holding ``lock`` and reverts them before releasing it.
     """
 
@@ -30,7 +30,7 @@ class ModelHandle:
     tokenizer: PreTrainedTokenizerBase
     arch: ArchSpec
     name: str
-    # interactive requests take it before background runs' next step (editing.concurrency)
+    # interactive requests take it before background runs' next step (editing.core.concurrency)
     lock: PriorityLock = field(default_factory=PriorityLock, repr=False)
 
     @property
@@ -112,7 +112,7 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     precision (:func:`default_gpu_dtype`): a 7-8B model then takes 15-16 GB instead of 30.
 
     Edits stay exact in half precision: deltas are summed in float32 masters and rounded once
-    (:mod:`editing.edit`).
+    (:mod:`editing.core.edit`).
     """
     if device.type == "cpu":
         return torch.float32
@@ -191,7 +191,7 @@ def load_model(spec: str, device: str | torch.device | None = None,
                device_map: DeviceMap | None = None,
                max_memory: dict[int | str, int | str] | None = None) -> ModelHandle:
     """Load ``"demo"``, a pretrained short name (``"smollm2-135m"``, see
-    :data:`editing.pretrained.PRETRAINED`), a local directory, or a Hugging Face id already in the
+    :data:`editing.models.pretrained.PRETRAINED`), a local directory, or a Hugging Face id already in the
     local cache.
 
     The demo model is built and a pretrained model converted on first use (``progress`` reports
@@ -215,8 +215,8 @@ def load_model(spec: str, device: str | torch.device | None = None,
     placement: DeviceMap | None = device_map
     if placement is None and dev.type == "cuda":  # load the shards straight onto the GPU
         placement = {"": dev.index if dev.index is not None else torch.cuda.current_device()}
+    from editing.models.pretrained import PRETRAINED_NAMES
     from editing.prepare import prepare_model
-    from editing.pretrained import PRETRAINED_NAMES
 
     cached = prepare_model(spec, progress)  # the demo model or a converted pretrained one
     if cached is not None:
@@ -240,7 +240,7 @@ def load_model(spec: str, device: str | torch.device | None = None,
             f"offline short names: 'demo', {', '.join(repr(n) for n in PRETRAINED_NAMES)}. "
             f"Supported families: {SUPPORTED_FAMILIES}."
         ) from err
-    from editing.arch import ARCHITECTURES, UnsupportedArchitecture
+    from editing.models.arch import ARCHITECTURES, UnsupportedArchitecture
 
     if config.model_type not in ARCHITECTURES:
         raise UnsupportedArchitecture(

@@ -5,7 +5,7 @@ output projection (the post-activation, ``d_ff``-wide vector), taken over every 
 a text corpus — what kmeng01/rome's ``layer_stats`` collects as ``mom2``. It is:
 
 * collected for every requested layer in one pass, stopping the forward pass after the last
-  needed layer (:func:`editing.hooks.forward_until`);
+  needed layer (:func:`editing.core.hooks.forward_until`);
 * accumulated in float64 (the matrix is badly conditioned) and stored as float32, like the
   reference's ``mom2_dtype: float32`` caches; consumers solve with it in float64;
 * cached on disk under ``cache_dir("stats")``, keyed by the model, the layer, the corpus, the
@@ -79,14 +79,14 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from editing.factbase import CORPUS_PATH, load_corpus, load_factbase
-from editing.files import atomic_path
-from editing.hooks import capture, forward_until
-from editing.paths import cache_dir
-from editing.tokens import encode, pad_batch, pad_id
+from editing.core.hooks import capture, forward_until
+from editing.models.tokens import encode, pad_batch, pad_id
+from editing.storage.factbase import CORPUS_PATH, load_corpus, load_factbase
+from editing.storage.files import atomic_path
+from editing.storage.paths import cache_dir
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 DEFAULT_CORPUS = "bundled"
 DEFAULT_SAMPLES = 4000

@@ -11,7 +11,7 @@ counterfactual model — is trained by :func:`train_loop` and stored the same wa
   (weights as ``module.*``, optimiser moments as ``optim.<param>.<key>``; step, optimiser groups,
   history, seconds), written every ``checkpoint_every`` steps and removed once the part is done.
 
-Every file is written atomically (:mod:`editing.files`), so a crash leaves the previous
+Every file is written atomically (:mod:`editing.storage.files`), so a crash leaves the previous
 checkpoint, never half a file; the two state files carry the same step, and a mismatched pair
 (a crash between the two writes) is ignored. Pickle is never used. Resuming gives the weights of
 an uninterrupted run as long as each step's data and randomness depend on the step alone (the
@@ -33,8 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from editing.edit import EditError
-from editing.files import atomic_path, atomic_write_text
+from editing.core.edit import EditError
+from editing.storage.files import atomic_path, atomic_write_text
 
 #: version of the checkpoint layout above; part of every checkpoint's cache key and of its
 #: ``editor.json``, so folders written in an older layout are never read as this one.

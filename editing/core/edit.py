@@ -43,11 +43,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from editing.files import atomic_path, atomic_write_text
-from editing.request import EditRequest
+from editing.core.request import EditRequest
+from editing.storage.files import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 
 class EditError(RuntimeError):

@@ -21,8 +21,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from editing.factbase import load_corpus, load_factbase
-from editing.models import ModelHandle, handle_from_model
+from editing.models.loader import ModelHandle, handle_from_model
+from editing.storage.factbase import load_corpus, load_factbase
 
 TINY_FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2")
 
@@ -30,7 +30,7 @@ TINY_FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2")
 @lru_cache(maxsize=1)
 def demo_tokenizer() -> PreTrainedTokenizerFast:
     """The demo model's tokenizer, built from the bundled data (no training needed)."""
-    from editing.demo import build_tokenizer
+    from editing.models.demo import build_tokenizer
 
     return build_tokenizer(load_factbase(), load_corpus())
 

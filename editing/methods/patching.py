@@ -1,7 +1,7 @@
 """Shared machinery of the additional-parameter editors (T-Patcher, CaliNET, GRACE).
 
 These methods never change a weight of the model: they attach extra neurons or memories to one
-module with a forward hook (:class:`~editing.edit.ModulePatch`). What they share lives here:
+module with a forward hook (:class:`~editing.core.edit.ModulePatch`). What they share lives here:
 
 * :func:`ffn_activation` — the FFN's own activation function, so added neurons behave like the
   model's own neurons (T-Patcher, CaliNET);
@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.activations import ACT2FN
 
-from editing.edit import Edit, handle_stack
-from editing.factbase import FactBase, Relation, is_memory_subject, load_corpus, load_factbase
-from editing.hooks import capture, forward_until
-from editing.request import EditRequest
-from editing.tokens import encode, pad_batch, pad_id
+from editing.core.edit import Edit, handle_stack
+from editing.core.hooks import capture, forward_until
+from editing.core.request import EditRequest
+from editing.models.tokens import encode, pad_batch, pad_id
+from editing.storage.factbase import FactBase, Relation, is_memory_subject, load_corpus, load_factbase
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 ForwardHook = Callable[[torch.nn.Module, tuple, object], object]
 
@@ -97,7 +97,7 @@ class LastBlockReadout:
 def last_block_readout(handle: ModelHandle, model_inputs: dict[str, torch.Tensor]) -> LastBlockReadout:
     """Run the model once on ``model_inputs`` and keep what :class:`LastBlockReadout` needs.
 
-    Wrap the call in :func:`editing.hooks.capture` to record other activations of the same pass.
+    Wrap the call in :func:`editing.core.hooks.capture` to record other activations of the same pass.
     """
     name = handle.arch.block_name(handle.n_layers - 1)
     with capture(handle.model, [name]) as store:
@@ -224,7 +224,7 @@ def in_training_memory(subject: str, requests: Sequence[EditRequest] = ()) -> bo
     probe :mod:`eval.probes` builds for them is ever in the memory:
 
     * neighbour (locality) and unrelated probes are drawn only from subjects on the probe side of
-      the fact base's fixed split (:func:`editing.factbase.is_memory_subject`), whatever the seed
+      the fact base's fixed split (:func:`editing.storage.factbase.is_memory_subject`), whatever the seed
       or count, so the memory takes only memory-side subjects;
     * the reliability, paraphrase (generality), portability and relation-specificity probes are
       all about an edited subject, so no fact about an edited subject is in the memory.

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from editing.hooks import capture, forward_until
-from editing.tokens import encode, pad_batch, pad_id
+from editing.core.hooks import capture, forward_until
+from editing.models.tokens import encode, pad_batch, pad_id
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 MINILM_NAME = "all-MiniLM-L6-v2"
 ENCODER_ENV = "EDITSCOPE_SENTENCE_ENCODER"
@@ -109,7 +109,7 @@ class MiniLMEncoder(SentenceEncoder):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
-        from editing.models import pick_device
+        from editing.models.loader import pick_device
 
         path = minilm_path()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -15,11 +15,10 @@ outer products, so:
   parameter's storage shape (GPT-2's Conv1D keeps ``(in, out)``).
 
 The module also holds what MEND and KE share around those: their training step
-(:func:`train_gradient_editor`, run by the one loop of :mod:`editing.training`), the held-out
+(:func:`train_gradient_editor`, run by the one loop of :mod:`editing.learning.training`), the held-out
 evaluation (:func:`evaluate_editor`) and the lookup of trained editors (:class:`TrainedEditorMixin`,
-also SERAC's). Their training data is built by :mod:`editing.editor_data`, the teacher-forced
-target batches by :mod:`editing.targets`; the names re-exported from those modules and from
-:mod:`editing.training` keep the older imports from this module working.
+also SERAC's). Their training data is built by :mod:`editing.learning.editor_data`, the teacher-forced
+target batches by :mod:`editing.learning.targets`.
 """
 
 from __future__ import annotations
@@ -35,37 +34,24 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from editing.edit import EditError, ParamDelta
-from editing.editor_data import RecordBatch, batch_indices, neighbour_facts, record_batch
-from editing.patching import in_training_memory
-from editing.scoring import score_targets
-from editing.targets import TargetBatch, masked_kl, target_batch, target_hits, target_nll
-from editing.train import checkpoint_config, checkpoint_problem, trained_checkpoint, training_records
-from editing.training import (
+from editing.analysis.scoring import score_targets
+from editing.core.edit import EditError, ParamDelta
+from editing.learning.editor_data import RecordBatch, batch_indices, neighbour_facts, record_batch
+from editing.learning.targets import TargetBatch, masked_kl, target_batch, target_hits, target_nll
+from editing.learning.training import (
     LrSchedule,
-    finite_or_raise,
-    load_tensors,
     load_trained,
-    lr_warmup_linear,
-    save_tensors,
     train_loop,
 )
+from editing.methods.patching import in_training_memory
+from editing.train import checkpoint_config, checkpoint_problem, trained_checkpoint, training_records
 
 if TYPE_CHECKING:
     from editing.methods.base import EditMethod, HParams
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
     from editing.train import EditRecord
 
-__all__ = [  # the re-exported names with this module's own public ones
-    "EDITOR_PART", "EDITOR_TENSORS", "QUICK_TRAINING", "GradientFactors", "LowRankShift", "RecordBatch", "TargetBatch",
-    "TrainedEditorMixin", "batch_indices", "chosen_checkpoint", "default_edit_layers", "edit_and_locality_losses",
-    "editor_on", "evaluate_editor", "finite_or_raise", "gradient_factors", "load_tensors", "load_trained_editor",
-    "lr_warmup_linear", "masked_kl", "mlp_weight_names", "module_of", "neighbour_facts", "out_in_shape",
-    "record_batch", "save_tensors", "seeded_generator", "shifted", "summed_deltas", "target_batch", "target_hits",
-    "target_nll", "to_param_delta", "train_gradient_editor", "train_loop",
-]
-
-#: the part of a MEND/KE checkpoint folder that is the editor (:mod:`editing.training`'s layout)
+#: the part of a MEND/KE checkpoint folder that is the editor (:mod:`editing.learning.training`'s layout)
 EDITOR_PART = "editor"
 #: its trained weights
 EDITOR_TENSORS = f"{EDITOR_PART}.safetensors"
@@ -116,7 +102,7 @@ class LowRankShift:
 
 
 def _forward_hook_with_input(module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-    # editing.hooks.modify sees only the output; a weight shift needs the module's input too.
+    # editing.core.hooks.modify sees only the output; a weight shift needs the module's input too.
     def hook(_module, args, output):
         return fn(args[0], output)
 
@@ -314,7 +300,7 @@ def train_gradient_editor(handle: ModelHandle, method: EditMethod, editor: nn.Mo
                           lr_at: LrSchedule | None = None) -> dict[str, Any]:
     """The training run MEND and KE share: seeded batches of training edit records, the gradient
     factors of the edit loss at the editor's weights (``editor.weight_names``) and the method's
-    ``objective``, run by :func:`editing.training.train_loop` (finite-loss guard, gradient
+    ``objective``, run by :func:`editing.learning.training.train_loop` (finite-loss guard, gradient
     clipping, resumable checkpoints); then the editor's figures on held-out records (the report)."""
     records = training_records(config, "train")
     # Neighbours are kept unchanged by the locality term: only those of the training memory, as

@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from editing.files import atomic_write_text
-from editing.paths import cache_dir
-from editing.scoring import continue_sequences
-from editing.stats import short_digest, weights_digest
-from editing.tokens import encode, pad_batch, pad_id
+from editing.analysis.scoring import continue_sequences
+from editing.analysis.stats import short_digest, weights_digest
+from editing.models.tokens import encode, pad_batch, pad_id
+from editing.storage.files import atomic_write_text
+from editing.storage.paths import cache_dir
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 ROME_LENGTH_PARAMS: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
 #: where ROME's samples start when the begin-of-text token is no plain-text start (frequent
@@ -127,7 +127,7 @@ def _top_k_pick(logits: torch.Tensor, top_k: int, generator: torch.Generator) ->
 
 def _sample_incremental(handle: ModelHandle, seqs: list[list[int]], length: int, generator: torch.Generator,
                         top_k: int) -> None:
-    """Grow ``seqs`` in place to ``length`` tokens, top-k sampled (:func:`editing.scoring.continue_sequences`:
+    """Grow ``seqs`` in place to ``length`` tokens, top-k sampled (:func:`editing.analysis.scoring.continue_sequences`:
     rows of equal start length go together, unpadded, from the key/value cache)."""
     by_length: dict[int, list[int]] = {}
     for row, seq in enumerate(seqs):

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from editing.files import atomic_write_text
+from editing.storage.files import atomic_write_text
 
 ProgressFn = Callable[[float, str], None]
 

@@ -1,8 +1,8 @@
 """Training data of the gradient-based editors (MEND, KE): the seeded batch order and the
 tokenised batches of edit records (edit rows, equivalence and locality probes).
 
-Data only: the networks live in the method modules, the shared math in :mod:`editing.learned`
-and the loop in :mod:`editing.training`.
+Data only: the networks live in the method modules, the shared math in :mod:`editing.learning.learned`
+and the loop in :mod:`editing.learning.training`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from editing.targets import TargetBatch, target_batch
+from editing.learning.targets import TargetBatch, target_batch
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
     from editing.train import EditRecord
 
 

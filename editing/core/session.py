@@ -16,7 +16,7 @@ Why this design:
   the model's lock for the whole run, but then an interactive edit would wait for the whole run,
   not for at most one step as the README promises (the dashboard's background jobs release the
   lock between steps so a waiting interactive edit gets in, see
-  :mod:`editing.concurrency`). So the stack is still reverted before the lock is released; only
+  :mod:`editing.core.concurrency`). So the stack is still reverted before the lock is released; only
   re-applying it became cheap.
 * **Cached weights, not a cached sum of deltas.** A fused ``W + (Δ₁ + … + Δₙ)`` costs the same one
   add per parameter, but rounds differently from ``((W + Δ₁) + Δ₂) + …``, so the cached path would
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from editing.edit import (
+from editing.core.edit import (
     Edit,
     EditError,
     EditOrderError,
@@ -61,11 +61,11 @@ from editing.edit import (
     handle_stack,
     load_edit,
 )
-from editing.request import EditRequest
+from editing.core.request import EditRequest
 
 if TYPE_CHECKING:
     from editing.methods.base import EditMethod, HParams, ProgressFn
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 
 class EditSession:

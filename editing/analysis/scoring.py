@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from editing.tokens import encode, pad_batch, pad_id, target_ids
+from editing.models.tokens import encode, pad_batch, pad_id, target_ids
 
 if TYPE_CHECKING:
-    from editing.edit import Route
-    from editing.models import ModelHandle
+    from editing.core.edit import Route
+    from editing.models.loader import ModelHandle
 
 DEFAULT_BATCH = 32
 T = TypeVar("T")

@@ -9,7 +9,7 @@ These methods treat a block's MLP output projection ``W`` as a linear associativ
   averaged over context templates (:func:`context_keys`);
 * optimising a target vector added at the subject's last token so the model predicts the new
   target (:func:`optimise_values`: ROME's ``v*`` at the MLP output, MEMIT's ``z`` in the residual);
-* turning update factors into a :class:`~editing.edit.ParamDelta` in the parameter's storage
+* turning update factors into a :class:`~editing.core.edit.ParamDelta` in the parameter's storage
   shape (:func:`low_rank_delta`), and MEMIT's spreading of residuals over a range of layers
   (:func:`spread_residuals`, also used by AlphaEdit with another per-layer solver).
 
@@ -19,11 +19,11 @@ Conventions kept from kmeng01/rome and kmeng01/memit:
   subject token (the reference relies on right padding in the same way).
 * The lookup position is the subject's *last* token (``fact_token = "subject_last"``, the
   reference's default), found by tokenising the template up to the subject
-  (:func:`editing.tokens.subject_last_token`). The reference's other choices ``"subject_first"``
+  (:func:`editing.models.tokens.subject_last_token`). The reference's other choices ``"subject_first"``
   and ``"last"`` (the prompt's last token) are available; ``"last"`` is the prompt's last token
   *before* any appended target tokens (the reference's ``-1`` would land inside a multi-token
   target, which its MEMIT code flags as a bug).
-* Target tokens are ``" " + target`` without BOS (:func:`editing.tokens.target_ids`). The reference
+* Target tokens are ``" " + target`` without BOS (:func:`editing.models.tokens.target_ids`). The reference
   appends ``tok.decode(target_ids[:-1])`` to the prompt text and re-tokenises; here the target ids
   are appended directly, which gives the same sequence without a decode/encode round trip.
 """
@@ -37,15 +37,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from editing.context import fill
-from editing.edit import ParamDelta, WeightDelta
-from editing.hooks import capture, forward_until, modify
-from editing.scoring import check_length
-from editing.tokens import encode, pad_batch, pad_id, subject_last_token, target_ids
+from editing.analysis.scoring import check_length
+from editing.core.edit import ParamDelta, WeightDelta
+from editing.core.hooks import capture, forward_until, modify
+from editing.methods.context import fill
+from editing.models.tokens import encode, pad_batch, pad_id, subject_last_token, target_ids
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
-    from editing.request import EditRequest
+    from editing.core.request import EditRequest
+    from editing.models.loader import ModelHandle
 
 ProgressFn = Callable[[float, str], None]
 

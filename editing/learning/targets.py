@@ -1,7 +1,7 @@
 """Teacher-forced ``prompt + target`` batches and their per-row scores.
 
 The learned editors (MEND, KE) and the methods that fine-tune on the edit's target (FT, CaliNET,
-GRACE, T-Patcher) all tokenise an edit the way :mod:`editing.scoring` scores it and read the
+GRACE, T-Patcher) all tokenise an edit the way :mod:`editing.analysis.scoring` scores it and read the
 target's NLL, token accuracy or the KL to the unedited predictions from one forward pass.
 """
 
@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from editing.scoring import check_length
-from editing.tokens import encode, pad_batch, pad_id, target_ids
+from editing.analysis.scoring import check_length
+from editing.models.tokens import encode, pad_batch, pad_id, target_ids
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 
 @dataclass
@@ -45,7 +45,7 @@ class TargetBatch:
 
 
 def target_batch(handle: ModelHandle, pairs: Sequence[tuple[str, str]]) -> TargetBatch:
-    """Tokenise ``(prompt, target)`` pairs the way :mod:`editing.scoring` scores them."""
+    """Tokenise ``(prompt, target)`` pairs the way :mod:`editing.analysis.scoring` scores them."""
     tok = handle.tokenizer
     prompts = [encode(tok, prompt) for prompt, _ in pairs]
     targets = [target_ids(tok, prompt, target) for prompt, target in pairs]

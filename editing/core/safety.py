@@ -33,11 +33,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from editing.files import atomic_path, atomic_write_bytes
-from editing.paths import DATA_DIR, cache_dir
+from editing.storage.files import atomic_path, atomic_write_bytes
+from editing.storage.paths import DATA_DIR, cache_dir
 
 MIB = 1024 * 1024
-#: what a saved edit stack may contain (see editing.edit.save_edit and EditSession.save)
+#: what a saved edit stack may contain (see editing.core.edit.save_edit and EditSession.save)
 EDIT_STACK_SUFFIXES = (".json", ".safetensors")
 #: data set files the readers in eval/datasets.py understand
 DATASET_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 #: the project's data/ folder (fact base, corpus, templates)
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 
 
 def cache_dir(*parts: str) -> Path:

@@ -15,7 +15,7 @@ states are copied from it. The noise is drawn once per call (seeded) and reused 
 restoration, as the reference does. Its default scale is 3 × the standard deviation of the token
 embeddings of the bundled fact base's subjects (the reference uses its "known facts" subjects).
 
-CLI: ``python -m editing.trace --model demo --prompt "The Eiffel Tower is located in"
+CLI: ``python -m editing.analysis.trace --model demo --prompt "The Eiffel Tower is located in"
 --subject "Eiffel Tower" [--kind mlp|attn|block|all] [--out trace.json]`` prints a text heatmap.
 """
 
@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from editing.factbase import load_factbase
-from editing.hooks import modify
-from editing.tokens import encode, target_ids
+from editing.core.hooks import modify
+from editing.models.tokens import encode, target_ids
+from editing.storage.factbase import load_factbase
 
 if TYPE_CHECKING:
-    from editing.models import ModelHandle
+    from editing.models.loader import ModelHandle
 
 KINDS = ("block", "mlp", "attn")
 NOISE_FACTOR = 3.0
@@ -273,7 +273,7 @@ def trace_all(handle: ModelHandle, prompt: str, subject: str, answer: str | None
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: trace one prompt and print the heatmap(s)."""
-    parser = argparse.ArgumentParser(prog="python -m editing.trace", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m editing.analysis.trace", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo", help="'demo', a local directory or a cached Hugging Face id")
     parser.add_argument("--prompt", required=True, help="the prompt, with the subject written in (or {})")
     parser.add_argument("--subject", required=True)
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the result(s) as JSON")
     args = parser.parse_args(argv)
-    from editing.models import load_model
+    from editing.models.loader import load_model
 
     handle = load_model(args.model)
     options = dict(n_samples=args.samples, noise=args.noise, window=args.window, seed=args.seed)

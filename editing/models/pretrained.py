@@ -16,7 +16,7 @@ On first use (:func:`ensure_pretrained`, called by ``load_model("smollm2-135m")`
 (the de-quantised Q4_1 weights, not the original bf16 ones) and saved as a plain safetensors
 folder of about 540 MB under ``cache_dir("models")``; later loads read that folder in about 2 s.
 The conversion is deterministic, and concurrent processes build it once
-(:func:`editing.buildonce.build_once`: a lock, an atomic rename, a progress file that waiting
+(:func:`editing.storage.buildonce.build_once`: a lock, an atomic rename, a progress file that waiting
 processes relay).
 
 To add a model, add a :class:`PretrainedSpec` to :data:`PRETRAINED`.
@@ -32,9 +32,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from editing.buildonce import ProgressFn, build_once
-from editing.models import ModelNotFound
-from editing.paths import cache_dir
+from editing.models.loader import ModelNotFound
+from editing.storage.buildonce import ProgressFn, build_once
+from editing.storage.paths import cache_dir
 
 #: bump when the conversion changes what it writes (a new folder is built)
 CONVERT_VERSION = 1

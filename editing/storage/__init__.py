@@ -1,0 +1,1 @@
+"""Files and data: atomic writes, build-once locks, cache paths, the bundled fact base."""
