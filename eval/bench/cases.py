@@ -63,7 +63,7 @@ def ensure_ready(handle: ModelHandle, method: str, train: bool, log: Log,
 
     if problem is None or method not in TRAINERS or not (train or quick):
         return problem, {}, math.nan
-    overrides = None if train else TRAINERS[method].quick
+    overrides = TRAINERS[method].quick if quick else None  # tiny models: only the cost is measured
     log(f"  training {method} on {handle.name}{' (a few steps, to time it)' if overrides else ''} ...")
     started = time.perf_counter()
     try:

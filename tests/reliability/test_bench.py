@@ -147,3 +147,22 @@ def test_the_load_during_a_run_is_sampled_and_reported():
     assert 0 <= load["min"] <= load["mean"] <= load["max"] and load["wall_s"] >= 0
     machine = {**common.machine_info(torch.device("cpu")), "load_during": load}
     assert f"during the run of {load['wall_s']:.0f} s" in common.describe_machine(machine)
+
+
+def test_tiny_models_get_the_few_step_editor_even_with_train(monkeypatch):
+    """--train trains the demo model's editors in their default config; a tiny random model's editor is
+    only there to time edits, so it stays the trainer's few-step config (before: 600 steps each)."""
+    from editing import train
+
+    asked: list[object] = []
+
+    def fake_train(handle, method, overrides, progress):
+        asked.append(overrides)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(train, "train_editor", fake_train)
+    monkeypatch.setenv(train.EDITORS_ENV, "/nonexistent-editors")  # nothing cached: training is needed
+    problem, _, _ = cases.ensure_ready(tiny_model("gpt2"), "MEND", train=True, log=lambda _m: None, quick=True)
+    assert "training failed" in problem and asked == [train.TRAINERS["MEND"].quick]
+    cases.ensure_ready(tiny_model("gpt2"), "MEND", train=True, log=lambda _m: None, quick=False)
+    assert asked[-1] is None  # the demo model with --train: the default config
