@@ -8,7 +8,7 @@ import streamlit as st
 from editing.core.session import EditSession
 from editing.methods import available_methods, get_method
 from eval.outcomes import resolve_true_target
-from ui.actions import carried_true_target, compare_methods, metrics_frame, predictions_frame, probeset_for
+from ui.actions import compare_methods, metrics_frame, predictions_frame, probeset_for
 from ui.plots import (
     CORE_METRICS,
     SCOPE_COLUMNS,
@@ -20,17 +20,17 @@ from ui.plots import (
     metrics_radar,
 )
 from ui.sidebar import PREFERRED_METHODS
-from ui.state import AppState, CompareResult, FactInputs, get_state
+from ui.state import AppState, CompareResult, get_state
 from ui.widgets import (
     FACT_FORMS,
     drop_carried_true_target,
     fact_inputs,
     hparams_note,
     read_fact,
-    request_from,
     running,
     seed_fact_inputs,
     show_error,
+    typed_request,
 )
 
 PREFIX = "cmp"
@@ -54,11 +54,8 @@ def _run(state: AppState, methods: list[str], on_stack: bool) -> None:
     if not methods:
         st.error("Pick at least one method to compare.")
         return
-    carried = fact.target_true if carried_true_target(fact.prompt, fact.subject, fact.target_true,
-                                                      state.fact_origin) else None
     try:
-        request = request_from(FactInputs(fact.prompt, fact.subject, fact.target_new,
-                                          "" if carried else fact.target_true))
+        request, carried = typed_request(state, fact)
     except Exception as err:
         show_error(err)
         return

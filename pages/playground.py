@@ -27,7 +27,6 @@ from eval.probes import PROBE_KINDS, ProbeSet
 from eval.realfacts import factbase_for, is_demo, known_facts
 from ui.actions import (
     apply_and_evaluate,
-    carried_true_target,
     check_added_probes,
     example_facts,
     metrics_with_added,
@@ -42,11 +41,11 @@ from ui.widgets import (
     drop_carried_true_target,
     fact_inputs,
     read_fact,
-    request_from,
     running,
     seed_fact_inputs,
     set_fact,
     show_error,
+    typed_request,
 )
 
 PREFIX = "pg"
@@ -155,11 +154,8 @@ def _apply(state: AppState) -> None:
     if problem:
         st.error(problem)
         return
-    carried = fact.target_true if carried_true_target(fact.prompt, fact.subject, fact.target_true,
-                                                      state.fact_origin) else None
     try:
-        typed = request_from(FactInputs(fact.prompt, fact.subject, fact.target_new,
-                                        "" if carried else fact.target_true))
+        typed, carried = typed_request(state, fact)
         session = state.current_session()
         with running(f"Applying {ctx.method}: {typed.subject} → {typed.target_new}") as progress:
             progress(0.0, "reading the model's own answer" if typed.target_true is None else "building the probes")

@@ -7,6 +7,7 @@ import random
 import torch
 
 from editing.analysis.scoring import score_targets
+from editing.core.request import EditRequest
 from editing.storage.factbase import is_memory_subject, load_factbase
 
 
@@ -103,6 +104,25 @@ def agreement(after: list[list[int]], before: list[list[int]]) -> float:
     return sum(a == b for a, b in zip(after, before, strict=True)) / len(before)
 
 
+def heldout_edits_and_neighbours(handle, count: int, seed: int, near_from: int):
+    """The first ``count`` held-out edit records of ``seed``, 3 neighbours each of the first
+    ``near_from`` of them (no subject of the records), and the model's predictions on those
+    neighbours now: the baseline of :func:`edit_figures`' locality."""
+    from editing.train import edit_records
+
+    records = edit_records("heldout", seed=seed)[:count]
+    near = neighbours(records[:near_from], per_record=3, exclude=[r.request.subject for r in records])
+    return records, near, predictions(handle, near)
+
+
+def edit_figures(handle, records, near, base: list[list[int]]) -> tuple[float, float, float]:
+    """With the records' edits in place: the fraction of their prompts and of their paraphrases that
+    answer the new target, and the agreement of the neighbours' predictions with ``base``."""
+    reliability = hit_rate(handle, [(r.request.text, r.request.target_new) for r in records])
+    generality = hit_rate(handle, [(p, r.request.target_new) for r in records for p in r.paraphrases])
+    return reliability, generality, agreement(predictions(handle, near), base)
+
+
 def single_edit_figures(handle, method: str, records, check=None) -> tuple[float, float, float]:
     """Apply ``method`` to each record alone (reverted after): the fractions of edits whose prompt
     and whose paraphrases answer the new target, and the mean agreement on the records'
@@ -131,6 +151,61 @@ def single_edit_figures(handle, method: str, records, check=None) -> tuple[float
 
 
 # -- shared by the learned weight-delta editors' tests (MEND, KE) ---------------------------------
+#: the reduced training run of the learned editors' behaviour tests (the default runs 600 steps)
+EDITOR_TEST_CONFIG = {"steps": 60, "n_eval": 0, "checkpoint_every": 30}
+
+#: the learned editors' test edits, in words of the demo vocabulary (anything else reads as <unk>)
+EDITOR_REQUESTS = [EditRequest("The capital of {} is", "France", "Rome", "Paris"),
+                   EditRequest("{} is a famous landmark in", "Eiffel Tower", "Germany", "France")]
+
+
+def train_test_editor(handle, method_name: str) -> str:
+    """The folder of ``method_name``'s editor trained with :data:`EDITOR_TEST_CONFIG` (cached on
+    disk by config, so each test module trains it once)."""
+    from editing.train import train_editor
+
+    folder, _report = train_editor(handle, method_name, EDITOR_TEST_CONFIG)
+    return str(folder)
+
+
+def assert_editor_raises_heldout_reliability(handle, method_name: str, checkpoint: str) -> None:
+    """The editor in ``checkpoint`` makes held-out counterfactual edits take, on their paraphrases
+    too, and leaves other facts alone (the figures are printed for the log)."""
+    from editing.learning.learned import evaluate_editor
+    from editing.methods import get_method
+    from editing.train import edit_records
+
+    records = edit_records("heldout")[:60]
+    result = evaluate_editor(handle, get_method(method_name), records, {"checkpoint": checkpoint})
+    print(f"{method_name} held-out (reduced training):", result)
+    assert result["pre_reliability"] <= 0.1 and result["pre_generality"] <= 0.1  # counterfactual targets
+    assert result["reliability"] >= 0.8
+    assert result["generality"] >= 0.6
+    assert result["locality"] >= 0.85
+
+
+def assert_editor_built_on_requested_device_in_float32(method_name: str, build_editor) -> torch.nn.Module:
+    """``build_editor`` places the editor of the method's default config on the model's device (a
+    bfloat16 tiny llama) or the one asked for, in float32, and initialises it the same on every
+    device; returns the editor built on the model's device."""
+    from editing.models.tiny import tiny_model
+    from editing.train import TRAINERS
+
+    handle = tiny_model("llama")
+    handle.model.to(torch.bfloat16)
+    config = TRAINERS[method_name].default_config(handle)
+    editor = build_editor(handle, config)  # the model's device by default
+    assert {(p.device, p.dtype) for p in editor.parameters()} == {(handle.device, torch.float32)}
+    elsewhere = build_editor(handle, config, device="meta")  # stands in for a GPU here
+    assert all(t.is_meta for t in [*elsewhere.parameters(), *elsewhere.buffers()])
+    assert {p.dtype for p in elsewhere.parameters()} == {torch.float32}
+    # seeded on the CPU before it is moved: the same initial editor on every device
+    again = build_editor(handle, config)
+    pairs = zip(editor.state_dict().values(), again.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    return editor
+
+
 def batch_reliability_summing_singles(handle, method: str, hparams: dict) -> float:
     """Edit five batches of four held-out counterfacts (different subjects and relations, records
     50 apart) and return the fraction of target tokens hit. On the first batch, check that the

@@ -192,6 +192,20 @@ def request_from(fact: FactInputs) -> EditRequest:
                        target_true=fact.target_true or None)
 
 
+def typed_request(state: AppState, fact: FactInputs) -> tuple[EditRequest, str | None]:
+    """The edit request of the typed fact and the true target it leaves out, if any (None if not).
+
+    A true target carried over from another fact (:func:`~ui.actions.carried_true_target`) belongs
+    to that fact, so the request goes without it and the model's own answer stands in; the page
+    drops it from the form and says so. Raises :class:`InvalidEditRequest` with what to fix.
+    """
+    carried = fact.target_true if carried_true_target(fact.prompt, fact.subject, fact.target_true,
+                                                      state.fact_origin) else None
+    request = request_from(FactInputs(fact.prompt, fact.subject, fact.target_new,
+                                      "" if carried else fact.target_true))
+    return request, carried
+
+
 # -- hyper-parameters ----------------------------------------------------------------------------
 MAIN_HPARAMS = 6  # shown directly; the rest go into an expander
 

@@ -14,11 +14,13 @@ outer products, so:
 * :func:`to_param_delta` stores a shift as the low-rank factors of a :class:`ParamDelta` in the
   parameter's storage shape (GPT-2's Conv1D keeps ``(in, out)``).
 
-The module also holds what MEND and KE share around those: their training step
-(:func:`train_gradient_editor`, run by the one loop of :mod:`editing.learning.training`), the held-out
-evaluation (:func:`evaluate_editor`) and the lookup of trained editors (:class:`TrainedEditorMixin`,
-also SERAC's). Their training data is built by :mod:`editing.learning.editor_data`, the teacher-forced
-target batches by :mod:`editing.learning.targets`.
+The module also holds what MEND and KE share around those: their training settings and step
+(:data:`GRADIENT_EDITOR_RUN`, :func:`train_gradient_editor`, run by the one loop of
+:mod:`editing.learning.training`), the held-out evaluation (:func:`evaluate_editor`), the lookup of
+trained editors (:class:`TrainedEditorMixin`, also SERAC's), and the edit-time side
+(:class:`GradientEditorHParams`, :class:`GradientEditorMixin`, :func:`shift_edit`). Their
+training data is built by :mod:`editing.learning.editor_data`, the teacher-forced target batches
+by :mod:`editing.learning.targets`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 from torch import nn
 
 from editing.analysis.scoring import score_targets
-from editing.core.edit import EditError, ParamDelta
+from editing.core.edit import EditError, ParamDelta, WeightDelta
 from editing.learning.editor_data import RecordBatch, batch_indices, neighbour_facts, record_batch
 from editing.learning.targets import TargetBatch, masked_kl, target_batch, target_hits, target_nll
 from editing.learning.training import (
@@ -43,11 +45,14 @@ from editing.learning.training import (
     load_trained,
     train_loop,
 )
+from editing.methods.base import HParams, ProgressFn
+from editing.methods.checks import CHECKPOINT, FieldCheck
 from editing.methods.patching import in_training_memory
 from editing.train import checkpoint_config, checkpoint_problem, trained_checkpoint, training_records
 
 if TYPE_CHECKING:
-    from editing.methods.base import EditMethod, HParams
+    from editing.core.request import EditRequest
+    from editing.methods.base import EditMethod
     from editing.models.loader import ModelHandle
     from editing.train import EditRecord
 
@@ -71,6 +76,12 @@ def mlp_weight_names(handle: ModelHandle, layers: Sequence[int]) -> list[str]:
     """Parameter names of every MLP projection (input ones, then output) of ``layers``."""
     arch = handle.arch
     return [f"{arch.module_name(layer, part)}.weight" for layer in layers for part in (*arch.mlp_in, arch.mlp_out)]
+
+
+def mlp_weight_shapes(handle: ModelHandle, layers: Sequence[int]) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of every MLP projection of ``layers`` (:func:`mlp_weight_names`' order): the
+    weights an editor is built for."""
+    return {name: out_in_shape(handle, name) for name in mlp_weight_names(handle, layers)}
 
 
 def module_of(weight_name: str) -> str:
@@ -171,6 +182,17 @@ def to_param_delta(handle: ModelHandle, weight_name: str, left: torch.Tensor, ri
     if handle.arch.conv1d:  # stored (in, out): Δᵀ = rightᵀ left
         return ParamDelta.low_rank(right.T.contiguous(), left.contiguous())
     return ParamDelta.low_rank(left.T.contiguous(), right.contiguous())
+
+
+def shift_edit(method: str, handle: ModelHandle, requests: list[EditRequest], hparams: HParams, folder: Path,
+               shifts: dict[str, LowRankShift], keep: dict[str, torch.Tensor] | None = None,
+               **info: Any) -> WeightDelta:
+    """The edit of a gradient editor: ``shifts`` summed into one low-rank delta per weight
+    (:func:`summed_deltas`, rows kept as ``keep`` says), its info naming the editor's checkpoint
+    ``folder`` and each weight's rank, then ``info``'s own entries."""
+    deltas, ranks = summed_deltas(handle, shifts, keep)
+    return WeightDelta(method=method, requests=requests, hparams=hparams.to_dict(),
+                       info={"checkpoint": str(folder), "ranks": ranks, **info}, deltas=deltas)
 
 
 def summed_deltas(handle: ModelHandle, shifts: dict[str, LowRankShift],
@@ -284,6 +306,21 @@ def _accuracy(handle: ModelHandle, prompts: Sequence[str], target: str) -> float
     scores = score_targets(handle, prompts, [target] * len(prompts))
     return sum(s.accuracy for s in scores) / max(1, len(scores))
 
+
+#: the training-run settings MEND and KE share (their ``default_config`` ends with them): steps,
+#: data, locality rows, clipping, checkpoints, logging and the held-out evaluation
+GRADIENT_EDITOR_RUN: dict[str, Any] = {
+    "steps": 600,
+    "batch_size": 8,  # independent single edits per training step
+    "n_paraphrases": 2,
+    "n_neighbours": 0,  # same-relation facts of other subjects as extra locality rows (not in the paper)
+    "grad_clip": 100.0,
+    "seed": 0,
+    "checkpoint_every": 200,
+    "log_every": 25,
+    "n_eval": 150,
+    "data": "",
+}
 
 #: the few-step training of MEND and KE (their trainers' ``quick`` config): an editor that runs
 QUICK_TRAINING: dict[str, Any] = {"steps": 3, "batch_size": 2, "n_eval": 0}
@@ -447,3 +484,36 @@ class TrainedEditorMixin:
         if found is None:
             raise EditError(self.readiness(handle) or f"{self.name} has no trained editor for this model.")
         return found
+
+
+# ---------------------------------------------------------------------------------------------
+# The edit-time side MEND and KE share
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class GradientEditorHParams(HParams):
+    """Edit-time settings of a gradient editor (MEND, KE); the edited layers and the networks come
+    from the trained editor. Each method adds the scale it applies to the predicted shift."""
+
+    checkpoint: str = ""  # folder of a trained editor; empty: the one trained with the default config
+
+    checks: ClassVar[dict[str, FieldCheck]] = {"checkpoint": CHECKPOINT}
+
+
+class GradientEditorMixin(TrainedEditorMixin):
+    """A trained editor that turns the fine-tuning gradient of the edit into low-rank weight
+    deltas (MEND, KE; mix in before :class:`~editing.methods.base.EditMethod`)."""
+
+    edit_kind: ClassVar[str] = "weight_delta"
+    train_minutes: ClassVar[int] = 5
+
+    def editor_and_gradient(self, handle: ModelHandle, requests: list[EditRequest], hparams: HParams,
+                            build: Callable[[ModelHandle, dict[str, Any]], nn.Module], progress: ProgressFn,
+                            ) -> tuple[nn.Module, Path, dict[str, GradientFactors], torch.Tensor]:
+        """The editor ``hparams`` choose (built by ``build(handle, config)``), its checkpoint folder,
+        and what it edits from: the gradient factors at its weights (``editor.weight_names``) of
+        each request's loss on its new target, and those losses."""
+        editor, folder = self.trained_editor(handle, hparams, lambda config: build(handle, config))
+        progress(0.2, f"{self.name}: gradient of the edit loss")
+        batch = target_batch(handle, [(r.text, r.target_new) for r in requests])
+        factors, losses = gradient_factors(handle, editor.weight_names, batch)
+        return editor, folder, factors, losses

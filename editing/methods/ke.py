@@ -33,27 +33,26 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from editing.analysis.scoring import generate
-from editing.core.edit import Edit, WeightDelta
+from editing.core.edit import Edit
 from editing.core.request import EditRequest
 from editing.learning.editor_data import RecordBatch
 from editing.learning.learned import (
+    GRADIENT_EDITOR_RUN,
     QUICK_TRAINING,
+    GradientEditorHParams,
+    GradientEditorMixin,
     GradientFactors,
     LowRankShift,
-    TrainedEditorMixin,
     default_edit_layers,
     edit_and_locality_losses,
     editor_on,
-    gradient_factors,
-    mlp_weight_names,
-    out_in_shape,
-    summed_deltas,
+    mlp_weight_shapes,
+    shift_edit,
     train_gradient_editor,
 )
-from editing.learning.targets import target_batch
 from editing.learning.training import lr_warmup_linear
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
-from editing.methods.checks import CHECKPOINT, POSITIVE, FieldCheck
+from editing.methods.checks import POSITIVE, FieldCheck
 from editing.models.tokens import pad_id
 from editing.train import EditRecord, Trainer, register_trainer
 
@@ -143,8 +142,7 @@ class KEEditor(nn.Module):
 def build_editor(handle: ModelHandle, config: dict[str, Any], device: torch.device | str | None = None) -> KEEditor:
     """KE's hypernetwork for ``config``, initialised on the CPU (seeded) and placed on ``device``
     (default: the model's) in float32 (:func:`editing.learning.learned.editor_on`)."""
-    names = mlp_weight_names(handle, config["layers"])
-    editor = KEEditor({n: out_in_shape(handle, n) for n in names}, embed_dim=handle.d_model,
+    editor = KEEditor(mlp_weight_shapes(handle, config["layers"]), embed_dim=handle.d_model,
                       lstm_dim=config["lstm_dim"], condition_dim=config["condition_dim"],
                       hidden_dim=config["hidden_dim"], max_scale=config["max_scale"], seed=config["seed"])
     return editor_on(editor, handle.device if device is None else device)
@@ -191,16 +189,7 @@ def default_config(handle: ModelHandle) -> dict[str, Any]:
         "lr_multiplier": 0.1,  # KE's lr_alpha
         "kl_margin": 1e-3,  # KE's margin_kl_max (the paper anneals it; kept fixed here)
         "warmup": 200,
-        "steps": 600,
-        "batch_size": 8,
-        "n_paraphrases": 2,
-        "n_neighbours": 0,  # same-relation facts of other subjects as extra locality rows (not in the paper)
-        "grad_clip": 100.0,
-        "seed": 0,
-        "checkpoint_every": 200,
-        "log_every": 25,
-        "n_eval": 150,
-        "data": "",
+        **GRADIENT_EDITOR_RUN,
     }
 
 
@@ -236,34 +225,28 @@ register_trainer(Trainer(NAME, default_config, train, quick=QUICK_TRAINING))
 # The method
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class KEHParams(HParams):
+class KEHParams(GradientEditorHParams):
     """Edit-time settings; the edited layers and the hypernetwork come from the trained editor."""
 
-    checkpoint: str = ""  # folder of a trained editor; empty: the one trained with the default config
     scale: float = 1.0  # multiplies the predicted shift (1 = as trained)
 
-    checks: ClassVar[dict[str, FieldCheck]] = {"checkpoint": CHECKPOINT, "scale": POSITIVE}
+    checks: ClassVar[dict[str, FieldCheck]] = {"scale": POSITIVE}
 
 
 @register
-class KE(TrainedEditorMixin, EditMethod):
+class KE(GradientEditorMixin, EditMethod):
     name = NAME
     hparams_class = KEHParams
-    edit_kind = "weight_delta"
     summary = ("A hypernetwork conditioned on the fact (LSTM) gates the fine-tuning gradient of the last "
                "MLP weights into a weight shift")
-    train_minutes = 5
 
     def _execute(self, handle: ModelHandle, requests: list[EditRequest], hparams: HParams,
                  progress: ProgressFn) -> Edit:
         assert isinstance(hparams, KEHParams)
-        editor, folder = self.trained_editor(handle, hparams, lambda config: build_editor(handle, config))
         # KE edits one fact at a time; a batch is the sum of each request's shift, all computed
         # at the current weights in one pass (as MEND does; chaining them, each gradient taken
         # after the earlier shifts, edited fewer facts of a batch in our tests).
-        progress(0.2, "KE: gradient of the edit loss")
-        batch = target_batch(handle, [(r.text, r.target_new) for r in requests])
-        factors, _ = gradient_factors(handle, editor.weight_names, batch)
+        editor, folder, factors, _ = self.editor_and_gradient(handle, requests, hparams, build_editor, progress)
         old_answers = [r.target_true or "" for r in requests]
         missing = [i for i, answer in enumerate(old_answers) if not answer]
         if missing:  # KE conditions on the model's current answer where the request gives none
@@ -273,6 +256,5 @@ class KE(TrainedEditorMixin, EditMethod):
         with torch.no_grad():
             sequences = [condition_ids(handle, r, old) for r, old in zip(requests, old_answers, strict=True)]
             shifts = editor.shifts(editor.condition(*embed_conditions(handle, sequences)), factors, scale=hparams.scale)
-        deltas, ranks = summed_deltas(handle, shifts)  # rows without gradient are exact zeros: dropped
-        info = {"checkpoint": str(folder), "ranks": ranks}
-        return WeightDelta(method=self.name, requests=requests, hparams=hparams.to_dict(), info=info, deltas=deltas)
+        # rows without gradient are exact zeros: dropped by summed_deltas' default
+        return shift_edit(self.name, handle, requests, hparams, folder, shifts)

@@ -29,27 +29,26 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from editing.core.edit import Edit, WeightDelta
+from editing.core.edit import Edit
 from editing.core.request import EditRequest
 from editing.learning.editor_data import RecordBatch
 from editing.learning.learned import (
+    GRADIENT_EDITOR_RUN,
     QUICK_TRAINING,
+    GradientEditorHParams,
+    GradientEditorMixin,
     GradientFactors,
     LowRankShift,
-    TrainedEditorMixin,
     default_edit_layers,
     edit_and_locality_losses,
     editor_on,
-    gradient_factors,
-    mlp_weight_names,
-    out_in_shape,
+    mlp_weight_shapes,
     seeded_generator,
-    summed_deltas,
+    shift_edit,
     train_gradient_editor,
 )
-from editing.learning.targets import target_batch
 from editing.methods.base import EditMethod, HParams, ProgressFn, register
-from editing.methods.checks import CHECKPOINT, POSITIVE, FieldCheck
+from editing.methods.checks import POSITIVE, FieldCheck
 from editing.train import EditRecord, Trainer, register_trainer
 
 if TYPE_CHECKING:
@@ -180,8 +179,7 @@ class MENDEditor(nn.Module):
 def build_editor(handle: ModelHandle, config: dict[str, Any], device: torch.device | str | None = None) -> MENDEditor:
     """MEND's editor for ``config``, initialised on the CPU (seeded) and placed on ``device`` (default:
     the model's) in float32 (:func:`editing.learning.learned.editor_on`)."""
-    names = mlp_weight_names(handle, config["layers"])
-    editor = MENDEditor({n: out_in_shape(handle, n) for n in names}, rank=config["rank"],
+    editor = MENDEditor(mlp_weight_shapes(handle, config["layers"]), rank=config["rank"],
                         n_hidden=config["n_hidden"], edit_lr=config["edit_lr"], seed=config["seed"])
     return editor_on(editor, handle.device if device is None else device)
 
@@ -203,16 +201,7 @@ def default_config(handle: ModelHandle) -> dict[str, Any]:
         "lr_lr": 1e-4,  # Adam, the per-weight step sizes α
         "c_edit": 0.1,
         "c_loc": 1.0,
-        "steps": 600,
-        "batch_size": 8,  # independent single edits per training step
-        "n_paraphrases": 2,
-        "n_neighbours": 0,  # same-relation facts of other subjects as extra locality rows (not in the paper)
-        "grad_clip": 100.0,
-        "seed": 0,
-        "checkpoint_every": 200,
-        "log_every": 25,
-        "n_eval": 150,
-        "data": "",
+        **GRADIENT_EDITOR_RUN,
     }
 
 
@@ -241,35 +230,29 @@ register_trainer(Trainer(NAME, default_config, train, quick=QUICK_TRAINING))
 # The method
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class MENDHParams(HParams):
+class MENDHParams(GradientEditorHParams):
     """Edit-time settings; the edited layers and the networks come from the trained editor."""
 
-    checkpoint: str = ""  # folder of a trained editor; empty: the one trained with the default config
     lr_scale: float = 1.0  # multiplies the learned step sizes α (1 = as trained)
 
-    checks: ClassVar[dict[str, FieldCheck]] = {"checkpoint": CHECKPOINT, "lr_scale": POSITIVE}
+    checks: ClassVar[dict[str, FieldCheck]] = {"lr_scale": POSITIVE}
 
 
 @register
-class MEND(TrainedEditorMixin, EditMethod):
+class MEND(GradientEditorMixin, EditMethod):
     name = NAME
     hparams_class = MENDHParams
-    edit_kind = "weight_delta"
     summary = ("Trained networks transform the rank-1 gradient factors of the last MLP weights into "
                "a one-step low-rank update")
-    train_minutes = 5
 
     def _execute(self, handle: ModelHandle, requests: list[EditRequest], hparams: HParams,
                  progress: ProgressFn) -> Edit:
         assert isinstance(hparams, MENDHParams)
-        editor, folder = self.trained_editor(handle, hparams, lambda config: build_editor(handle, config))
-        progress(0.2, "MEND: gradient of the edit loss")
-        batch = target_batch(handle, [(r.text, r.target_new) for r in requests])
-        factors, losses = gradient_factors(handle, editor.weight_names, batch)
+        editor, folder, factors, losses = self.editor_and_gradient(handle, requests, hparams, build_editor, progress)
         progress(0.6, "MEND: transforming the gradient")
         with torch.no_grad():
             shifts = editor.shifts(factors, lr_scale=hparams.lr_scale)
         # positions without gradient are dropped (the transform's output there is not zero)
-        deltas, ranks = summed_deltas(handle, shifts, {name: f.mask for name, f in factors.items()})
-        info = {"checkpoint": str(folder), "ranks": ranks, "edit_nll_before": [round(float(v), 4) for v in losses]}
-        return WeightDelta(method=self.name, requests=requests, hparams=hparams.to_dict(), info=info, deltas=deltas)
+        return shift_edit(self.name, handle, requests, hparams, folder, shifts,
+                          {name: f.mask for name, f in factors.items()},
+                          edit_nll_before=[round(float(v), 4) for v in losses])

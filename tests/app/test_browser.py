@@ -103,6 +103,14 @@ def _fill(page, label: str, value: str) -> None:
     box.fill(value)
 
 
+def _apply_fact(page, prompt: str, subject: str, target_new: str) -> None:
+    """Type a fact into the Playground's form (the true target as it stands) and apply the edit."""
+    _fill(page, "Prompt (with the subject)", prompt)
+    _fill(page, "Subject", subject)
+    _fill(page, "New target", target_new)
+    page.get_by_role("button", name="Apply edit", exact=True).click()
+
+
 def _pick_method(page, method: str) -> None:
     box = page.locator("[data-testid='stSidebar'] [data-testid='stSelectbox']", has_text="Editing method")
     if method not in box.inner_text():
@@ -210,10 +218,7 @@ def test_the_playground_says_what_really_happened(server, browser, shots):
     page = _open(browser, server, height=3200)
     _pick_method(page, preferred_method())
     expect(page.get_by_label("True target (optional)", exact=True)).to_have_value("")
-    _fill(page, "Prompt (with the subject)", "The Statue of Liberty is located in")
-    _fill(page, "Subject", "Statue of Liberty")
-    _fill(page, "New target", "United Kingdom")
-    page.get_by_role("button", name="Apply edit", exact=True).click()
+    _apply_fact(page, "The Statue of Liberty is located in", "Statue of Liberty", "United Kingdom")
     verdict = page.locator(".st-key-pg_verdict")
     verdict.wait_for(timeout=LONG)
     page.wait_for_selector(serving.IDLE, timeout=LONG)
@@ -227,10 +232,7 @@ def test_the_playground_says_what_really_happened(server, browser, shots):
     _shot(page, shots, "truth-1c-edit-prompt-probabilities.png", ".st-key-pg_edit_result")
 
     # the scope map of a one-token edit that takes: the edit reaches its answer, consequences may not
-    _fill(page, "Prompt (with the subject)", "Eiffel Tower is a famous landmark in")
-    _fill(page, "Subject", "Eiffel Tower")
-    _fill(page, "New target", "Italy")
-    page.get_by_role("button", name="Apply edit", exact=True).click()
+    _apply_fact(page, "Eiffel Tower is a famous landmark in", "Eiffel Tower", "Italy")
     page.locator("[data-testid='stSidebar']").get_by_text("Eiffel Tower: France → Italy").wait_for(timeout=LONG)
     page.wait_for_selector(serving.IDLE, timeout=LONG)
     _go(page, "Scope map")
@@ -251,10 +253,7 @@ def test_the_playground_says_what_really_happened(server, browser, shots):
     true_box = page.get_by_label("True target (optional)", exact=True)
     expect(true_box).to_have_value("Tokyo", timeout=LONG)
     page.wait_for_selector(serving.IDLE, timeout=LONG)
-    _fill(page, "Prompt (with the subject)", "Albert Einstein worked as a")
-    _fill(page, "Subject", "Albert Einstein")
-    _fill(page, "New target", "painter")
-    page.get_by_role("button", name="Apply edit", exact=True).click()
+    _apply_fact(page, "Albert Einstein worked as a", "Albert Einstein", "painter")
     missing = page.locator(".st-key-pg_missing")
     missing.wait_for(timeout=LONG)
     page.wait_for_selector(serving.IDLE, timeout=LONG)

@@ -15,14 +15,14 @@ from editing.methods.calinet import CalibrationFFN, CaliNETHParams
 from editing.methods.patching import ffn_activation, last_block_readout, training_prompts
 from editing.models.tiny import tiny_model
 from editing.storage.factbase import load_factbase
-from editing.train import edit_records
 from tests.helpers import (
     agreement,
     assert_params_equal,
     assert_patch_changes_reverts_and_reloads,
+    edit_figures,
+    heldout_edits_and_neighbours,
     hit_rate,
     logits,
-    neighbours,
     params_snapshot,
     predictions,
 )
@@ -97,14 +97,10 @@ def test_batch_of_100_facts_is_learnt_locally(demo):
     KL term trains on, the same edit keeps 0.98 — the 0.96 this test asserted before issue 13 was
     measured on neighbours the KL term had been trained to keep.
     """
-    records = edit_records("heldout", seed=2)[:100]
-    near = neighbours(records[:30], per_record=3, exclude=[r.request.subject for r in records])
-    base = predictions(demo, near)
+    records, near, base = heldout_edits_and_neighbours(demo, 100, seed=2, near_from=30)
     edit = get_method("CaliNET").apply(demo, [r.request for r in records])
     try:
-        reliability = hit_rate(demo, [(r.request.text, r.request.target_new) for r in records])
-        generality = hit_rate(demo, [(p, r.request.target_new) for r in records for p in r.paraphrases])
-        locality = agreement(predictions(demo, near), base)
+        reliability, generality, locality = edit_figures(demo, records, near, base)
     finally:
         edit.revert(demo)
     print(f"CaliNET batch of 100: reliability {reliability:.2f}, generality (held-out templates) {generality:.2f}, "
@@ -118,9 +114,7 @@ def test_sequential_batches_keep_earlier_facts(demo):
     the facts of the earlier batches still hold at the end. Locality on neighbours outside the
     training memory drops with every batch: 0.66 after five (0.96 when measured, before issue 13, on
     neighbours the KL term trained on)."""
-    records = edit_records("heldout", seed=1)[:50]
-    near = neighbours(records[:20], per_record=3, exclude=[r.request.subject for r in records])
-    base = predictions(demo, near)
+    records, near, base = heldout_edits_and_neighbours(demo, 50, seed=1, near_from=20)
     session = EditSession(demo)
     for start in range(0, 50, 10):
         session.apply("CaliNET", [r.request for r in records[start: start + 10]])

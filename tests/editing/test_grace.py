@@ -13,13 +13,13 @@ from editing.methods.grace import GRACEHParams, GracePatch, active_grace_edits, 
 from editing.methods.patching import module_inputs
 from editing.train import edit_records
 from tests.helpers import (
-    agreement,
     assert_patch_changes_reverts_and_reloads,
+    edit_figures,
+    heldout_edits_and_neighbours,
     hit_rate,
     logits,
     neighbours,
     params_snapshot,
-    predictions,
     single_edit_figures,
 )
 
@@ -115,17 +115,13 @@ def test_conflicting_neighbours_split_and_same_labels_expand(demo):
 
 def test_fifty_sequential_edits_keep_earlier_ones_and_neighbours(demo, tmp_path):
     """50 edits stacked one by one share one codebook; at the end the earlier edits still hold."""
-    records = edit_records("heldout", seed=1)[:50]
-    near = neighbours(records[:20], per_record=3, exclude=[r.request.subject for r in records])
-    base = predictions(demo, near)
+    records, near, base = heldout_edits_and_neighbours(demo, 50, seed=1, near_from=20)
     session = EditSession(demo)
     for record in records:
         session.apply("GRACE", record.request)
     actions = [a for edit in session.edits for a in edit.info["actions"]]
     with session.active():
-        reliability = hit_rate(demo, [(r.request.text, r.request.target_new) for r in records])
-        generality = hit_rate(demo, [(p, r.request.target_new) for r in records for p in r.paraphrases])
-        locality = agreement(predictions(demo, near), base)
+        reliability, generality, locality = edit_figures(demo, records, near, base)
         edited = logits(demo, records[0].request.text)
     print(f"GRACE after 50 sequential edits: reliability {reliability:.2f}, generality {generality:.2f}, "
           f"locality {locality:.3f}, codebook {count_codebook_entries(session.edits)} entries, "

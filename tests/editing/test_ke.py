@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.core.request import EditRequest
 from editing.learning.learned import (
     default_edit_layers,
-    evaluate_editor,
     gradient_factors,
     mlp_weight_names,
     out_in_shape,
@@ -17,28 +15,24 @@ from editing.learning.targets import target_batch
 from editing.methods import get_method
 from editing.methods.ke import KEEditor, build_editor, condition_ids, embed_conditions
 from editing.models.tiny import tiny_model
-from editing.train import TRAINERS, edit_records, train_editor
+from editing.train import TRAINERS, train_editor
 from tests.helpers import (
+    EDITOR_REQUESTS,
+    assert_editor_built_on_requested_device_in_float32,
+    assert_editor_raises_heldout_reliability,
     assert_learned_editor_edits_bfloat16,
     assert_params_equal,
     assert_saved_deltas_round_trip,
     batch_reliability_summing_singles,
     params_snapshot,
+    train_test_editor,
 )
-
-#: the reduced training run of the behaviour tests (the default runs 600 steps)
-TEST_CONFIG = {"steps": 60, "n_eval": 0, "checkpoint_every": 30}
-
-# Words of the demo vocabulary (anything else reads as <unk>).
-REQUESTS = [EditRequest("The capital of {} is", "France", "Rome", "Paris"),
-            EditRequest("{} is a famous landmark in", "Eiffel Tower", "Germany", "France")]
 
 
 @pytest.fixture(scope="module")
 def ke_checkpoint(demo_handle) -> str:
     """KE trained on the demo model with the reduced config (cached on disk by config)."""
-    folder, _report = train_editor(demo_handle, "KE", TEST_CONFIG)
-    return str(folder)
+    return train_test_editor(demo_handle, "KE")
 
 
 def test_shift_is_the_gated_gradient_plus_the_additive_term():
@@ -47,7 +41,7 @@ def test_shift_is_the_gated_gradient_plus_the_additive_term():
     names = mlp_weight_names(handle, default_edit_layers(handle.n_layers))
     editor = KEEditor({n: out_in_shape(handle, n) for n in names}, embed_dim=handle.d_model, lstm_dim=16,
                       condition_dim=32, hidden_dim=16, max_scale=0.5, seed=0)
-    request = REQUESTS[0]
+    request = EDITOR_REQUESTS[0]
     factors, _ = gradient_factors(handle, names, target_batch(handle, [(request.text, request.target_new)]))
     with torch.no_grad():
         condition = editor.condition(*embed_conditions(handle, [condition_ids(handle, request, "Paris")]))
@@ -62,7 +56,7 @@ def test_shift_is_the_gated_gradient_plus_the_additive_term():
 
 def test_condition_reads_old_answer_new_answer_and_prompt():
     handle = tiny_model("gpt2")
-    ids = condition_ids(handle, REQUESTS[0], "Paris")
+    ids = condition_ids(handle, EDITOR_REQUESTS[0], "Paris")
     eos = handle.tokenizer.eos_token_id
     words = handle.tokenizer.convert_ids_to_tokens(ids)
     assert ids.count(eos) == 2
@@ -74,7 +68,7 @@ def test_ke_edits_every_family_as_low_rank_deltas_and_reverts_exactly(tiny_handl
     folder, _ = train_editor(tiny_handle, "KE", TRAINERS["KE"].quick)
     before = params_snapshot(tiny_handle)
     names = mlp_weight_names(tiny_handle, default_edit_layers(tiny_handle.n_layers))
-    edit = get_method("KE").apply(tiny_handle, REQUESTS, {"checkpoint": str(folder)})
+    edit = get_method("KE").apply(tiny_handle, EDITOR_REQUESTS, {"checkpoint": str(folder)})
     try:
         assert edit.kind == "weight_delta" and set(edit.deltas) == set(names)
         for name, delta in edit.deltas.items():
@@ -90,13 +84,7 @@ def test_ke_edits_every_family_as_low_rank_deltas_and_reverts_exactly(tiny_handl
 
 
 def test_ke_raises_reliability_on_heldout_edits(demo, ke_checkpoint):
-    records = edit_records("heldout")[:60]
-    result = evaluate_editor(demo, get_method("KE"), records, {"checkpoint": ke_checkpoint})
-    print("KE held-out (reduced training):", result)
-    assert result["pre_reliability"] <= 0.1 and result["pre_generality"] <= 0.1  # counterfactual targets
-    assert result["reliability"] >= 0.8
-    assert result["generality"] >= 0.6
-    assert result["locality"] >= 0.85
+    assert_editor_raises_heldout_reliability(demo, "KE", ke_checkpoint)
 
 
 def test_ke_batch_edit_sums_the_per_request_shifts(demo, ke_checkpoint):
@@ -106,20 +94,10 @@ def test_ke_batch_edit_sums_the_per_request_shifts(demo, ke_checkpoint):
 
 
 def test_ke_editor_is_built_on_the_requested_device_in_float32():
-    handle = tiny_model("llama")
-    handle.model.to(torch.bfloat16)
-    config = TRAINERS["KE"].default_config(handle)
-    editor = build_editor(handle, config)  # the model's device by default
-    assert {(p.device, p.dtype) for p in editor.parameters()} == {(handle.device, torch.float32)}
-    elsewhere = build_editor(handle, config, device="meta")  # stands in for a GPU here
-    assert all(t.is_meta for t in [*elsewhere.parameters(), *elsewhere.buffers()])
-    assert {p.dtype for p in elsewhere.parameters()} == {torch.float32}
-    again = build_editor(handle, config)  # seeded on the CPU: the same initial editor on every device
-    pairs = zip(editor.state_dict().values(), again.state_dict().values(), strict=True)
-    assert all(torch.equal(a, b) for a, b in pairs)
+    assert_editor_built_on_requested_device_in_float32("KE", build_editor)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_ke_trains_and_edits_a_bfloat16_model(family, tmp_path, monkeypatch):
     monkeypatch.setenv("EDITSCOPE_EDITORS", str(tmp_path))
-    assert_learned_editor_edits_bfloat16("KE", build_editor, family, REQUESTS)
+    assert_learned_editor_edits_bfloat16("KE", build_editor, family, EDITOR_REQUESTS)

@@ -9,35 +9,29 @@ import torch
 
 from editing.analysis.scoring import score_targets, top_predictions
 from editing.core.edit import EditError
-from editing.core.request import EditRequest
 from editing.core.session import EditSession
-from editing.learning.learned import default_edit_layers, evaluate_editor, gradient_factors, mlp_weight_names
+from editing.learning.learned import default_edit_layers, gradient_factors, mlp_weight_names
 from editing.learning.targets import target_batch
 from editing.methods import get_method
 from editing.methods.mend import GradientTransform, RunningMoments, build_editor
-from editing.models.tiny import tiny_model
-from editing.train import TRAINERS, edit_records, train_editor
+from editing.train import TRAINERS, train_editor
 from tests.helpers import (
+    EDITOR_REQUESTS,
+    assert_editor_built_on_requested_device_in_float32,
+    assert_editor_raises_heldout_reliability,
     assert_learned_editor_edits_bfloat16,
     assert_params_equal,
     assert_saved_deltas_round_trip,
     batch_reliability_summing_singles,
     params_snapshot,
+    train_test_editor,
 )
-
-#: the reduced training run of the behaviour tests (the default runs 600 steps)
-TEST_CONFIG = {"steps": 60, "n_eval": 0, "checkpoint_every": 30}
-
-# Words of the demo vocabulary (anything else reads as <unk>).
-REQUESTS = [EditRequest("The capital of {} is", "France", "Rome", "Paris"),
-            EditRequest("{} is a famous landmark in", "Eiffel Tower", "Germany", "France")]
 
 
 @pytest.fixture(scope="module")
 def mend_checkpoint(demo_handle) -> str:
     """MEND trained on the demo model with the reduced config (cached on disk by config)."""
-    folder, _report = train_editor(demo_handle, "MEND", TEST_CONFIG)
-    return str(folder)
+    return train_test_editor(demo_handle, "MEND")
 
 
 def test_untrained_transform_is_the_identity():
@@ -63,12 +57,12 @@ def test_mend_edits_every_family_as_low_rank_deltas_and_reverts_exactly(tiny_han
     monkeypatch.setenv("EDITSCOPE_EDITORS", str(tmp_path))
     folder, _ = train_editor(tiny_handle, "MEND", TRAINERS["MEND"].quick)
     before = params_snapshot(tiny_handle)
-    batch = target_batch(tiny_handle, [(r.text, r.target_new) for r in REQUESTS])
-    nll_before = [s.mean_nll for s in score_targets(tiny_handle, [r.text for r in REQUESTS],
-                                                    [r.target_new for r in REQUESTS])]
+    batch = target_batch(tiny_handle, [(r.text, r.target_new) for r in EDITOR_REQUESTS])
+    nll_before = [s.mean_nll for s in score_targets(tiny_handle, [r.text for r in EDITOR_REQUESTS],
+                                                    [r.target_new for r in EDITOR_REQUESTS])]
     names = mlp_weight_names(tiny_handle, default_edit_layers(tiny_handle.n_layers))
     factors, _ = gradient_factors(tiny_handle, names, batch)
-    edit = get_method("MEND").apply(tiny_handle, REQUESTS, {"checkpoint": str(folder)})
+    edit = get_method("MEND").apply(tiny_handle, EDITOR_REQUESTS, {"checkpoint": str(folder)})
     try:
         assert edit.kind == "weight_delta" and set(edit.deltas) == set(names)
         for name, delta in edit.deltas.items():
@@ -77,8 +71,8 @@ def test_mend_edits_every_family_as_low_rank_deltas_and_reverts_exactly(tiny_han
             assert delta.shape == tuple(tiny_handle.parameter(name).shape)
             assert torch.isfinite(delta.materialise()).all()
             assert not torch.equal(tiny_handle.parameter(name), before[name])
-        nll_after = [s.mean_nll for s in score_targets(tiny_handle, [r.text for r in REQUESTS],
-                                                       [r.target_new for r in REQUESTS])]
+        nll_after = [s.mean_nll for s in score_targets(tiny_handle, [r.text for r in EDITOR_REQUESTS],
+                                                       [r.target_new for r in EDITOR_REQUESTS])]
         assert nll_after != nll_before
     finally:
         edit.revert(tiny_handle)
@@ -89,23 +83,17 @@ def test_mend_edits_every_family_as_low_rank_deltas_and_reverts_exactly(tiny_han
 def test_missing_editor_fails_cleanly(demo, tmp_path, monkeypatch):
     monkeypatch.setenv("EDITSCOPE_EDITORS", str(tmp_path))
     with pytest.raises(EditError, match=re.escape("python -m editing.train MEND --model demo")):
-        get_method("MEND").apply(demo, REQUESTS[:1])
+        get_method("MEND").apply(demo, EDITOR_REQUESTS[:1])
     with pytest.raises(EditError, match="no finished MEND editor"):
-        get_method("MEND").apply(demo, REQUESTS[:1], {"checkpoint": str(tmp_path)})
+        get_method("MEND").apply(demo, EDITOR_REQUESTS[:1], {"checkpoint": str(tmp_path)})
 
 
 def test_mend_raises_reliability_on_heldout_edits(demo, mend_checkpoint):
-    records = edit_records("heldout")[:60]
-    result = evaluate_editor(demo, get_method("MEND"), records, {"checkpoint": mend_checkpoint})
-    print("MEND held-out (reduced training):", result)
-    assert result["pre_reliability"] <= 0.1 and result["pre_generality"] <= 0.1  # counterfactual targets
-    assert result["reliability"] >= 0.8
-    assert result["generality"] >= 0.6
-    assert result["locality"] >= 0.85
+    assert_editor_raises_heldout_reliability(demo, "MEND", mend_checkpoint)
 
 
 def test_mend_in_a_session_changes_the_answer_only_while_active(demo, mend_checkpoint):
-    request = REQUESTS[0]
+    request = EDITOR_REQUESTS[0]
     before = params_snapshot(demo)
     session = EditSession(demo)
     edit = session.apply("MEND", request, {"checkpoint": mend_checkpoint})
@@ -124,22 +112,11 @@ def test_mend_batch_edit_sums_the_per_request_updates(demo, mend_checkpoint):
 
 
 def test_mend_editor_is_built_on_the_requested_device_in_float32():
-    handle = tiny_model("llama")
-    handle.model.to(torch.bfloat16)
-    config = TRAINERS["MEND"].default_config(handle)
-    editor = build_editor(handle, config)  # the model's device by default
-    assert {(p.device, p.dtype) for p in editor.parameters()} == {(handle.device, torch.float32)}
+    editor = assert_editor_built_on_requested_device_in_float32("MEND", build_editor)
     assert {b.dtype for b in editor.buffers()} == {torch.float64}  # the running moments
-    elsewhere = build_editor(handle, config, device="meta")  # stands in for a GPU here
-    assert all(t.is_meta for t in [*elsewhere.parameters(), *elsewhere.buffers()])
-    assert {p.dtype for p in elsewhere.parameters()} == {torch.float32}
-    # seeded on the CPU before it is moved: the same initial editor on every device
-    again = build_editor(handle, config)
-    pairs = zip(editor.state_dict().values(), again.state_dict().values(), strict=True)
-    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_mend_trains_and_edits_a_bfloat16_model(family, tmp_path, monkeypatch):
     monkeypatch.setenv("EDITSCOPE_EDITORS", str(tmp_path))
-    assert_learned_editor_edits_bfloat16("MEND", build_editor, family, REQUESTS)
+    assert_learned_editor_edits_bfloat16("MEND", build_editor, family, EDITOR_REQUESTS)

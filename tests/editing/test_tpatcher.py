@@ -14,14 +14,13 @@ from editing.methods.tpatcher import TPatch, TPatcherHParams, count_patch_neuron
 from editing.models.tiny import tiny_model
 from editing.train import edit_records
 from tests.helpers import (
-    agreement,
     assert_params_equal,
     assert_patch_changes_reverts_and_reloads,
+    edit_figures,
+    heldout_edits_and_neighbours,
     hit_rate,
     logits,
-    neighbours,
     params_snapshot,
-    predictions,
     single_edit_figures,
 )
 
@@ -99,18 +98,14 @@ def test_sequential_edits_add_one_neuron_each_and_keep_earlier_edits(demo):
     """50 edits stacked in one session: one neuron each, earlier edits still hold at the end.
     Locality on neighbours outside T-Patcher's memory: 0.91 (0.94 before issue 13, when about 43% of
     the fact base's probes were in the memory)."""
-    records = edit_records("heldout", seed=1)[:50]
-    near = neighbours(records[:20], per_record=3, exclude=[r.request.subject for r in records])
-    base = predictions(demo, near)
+    records, near, base = heldout_edits_and_neighbours(demo, 50, seed=1, near_from=20)
     session = EditSession(demo)
     for record in records:
         session.apply("T-Patcher", record.request)
     assert count_patch_neurons(session.edits) == 50
     assert all(edit.n_neurons == 1 for edit in session.edits)
     with session.active():
-        reliability = hit_rate(demo, [(r.request.text, r.request.target_new) for r in records])
-        generality = hit_rate(demo, [(p, r.request.target_new) for r in records for p in r.paraphrases])
-        locality = agreement(predictions(demo, near), base)
+        reliability, generality, locality = edit_figures(demo, records, near, base)
     print(f"T-Patcher after 50 sequential edits: reliability {reliability:.2f}, generality {generality:.2f}, "
           f"locality {locality:.3f}, {sum(e.info['converged'] for e in session.edits)}/50 converged")
     assert reliability >= 0.9

@@ -38,6 +38,18 @@ def logits(handle, text: str = "The capital of France is") -> torch.Tensor:
         return handle.model(torch.tensor([handle.tokenizer(text)["input_ids"]])).logits
 
 
+def session_with_prior(handle, seed: int) -> tuple[dict[str, torch.Tensor], EditSession, WeightDelta, torch.Tensor]:
+    """The state an interrupted edit must leave as it found: the model's weights, a session
+    holding one random edit (``seed``), that edit, and the logits while the session is active."""
+    before = params_snapshot(handle)
+    session = EditSession(handle)
+    prior = random_delta(handle, seed=seed)
+    session.push(prior)
+    with session.active():
+        expected = logits(handle)
+    return before, session, prior, expected
+
+
 def big_delta(handle) -> WeightDelta:
     """Dense deltas on three layers: its safetensors file is larger than LIMIT."""
     deltas = {handle.arch.mlp_out_name(layer) + ".weight": ParamDelta(dense=torch.full(
@@ -119,12 +131,7 @@ def test_a_diverging_edit_is_refused_and_restores_everything():
 @pytest.mark.parametrize("where", ["first step", "last step", "final report"])
 def test_an_interrupted_edit_leaves_the_model_and_session_as_they_were(where):
     handle = tiny_model("llama")
-    before = params_snapshot(handle)
-    session = EditSession(handle)
-    prior = random_delta(handle, seed=1)
-    session.push(prior)
-    with session.active():
-        expected = logits(handle)
+    before, session, prior, expected = session_with_prior(handle, seed=1)
     interrupt = {"first step": _Interrupt(1), "last step": _Interrupt(4), "final report": _Interrupt(at_end=True)}
     with pytest.raises(KeyboardInterrupt):
         session.apply(_Steady(), REQ, progress=interrupt[where])
@@ -143,12 +150,7 @@ def test_methods_stopped_mid_edit_leave_the_model_untouched(method, tiny_editors
     once, at the final "done"), a method leaves the model and the session as they were."""
     handle = tiny_model("gpt2")
     hparams = run_hparams(handle, method, tiny_editors, steps=None)
-    before = params_snapshot(handle)
-    session = EditSession(handle)
-    prior = random_delta(handle, seed=3)
-    session.push(prior)
-    with session.active():
-        expected = logits(handle)
+    before, session, prior, expected = session_with_prior(handle, seed=3)
     for at in (1, 2):
         interrupt = _Interrupt(at)
         interrupt.at_end = True  # a method with fewer reports is stopped at the final one
