@@ -12,7 +12,8 @@ interactive edits
 * (c) while two outside CPU-bound processes compete for the cores,
 
 and the ratios (b)/(a) and (c)/(a), whose goals are ≤ 2 and ≤ 3. ``python -m eval.responsiveness``
-prints them; :mod:`eval.bench` reports them beside its other figures.
+prints them (a benchmark of its own beside :mod:`eval.bench`: it starts CPU-bound processes to
+compete with).
 """
 
 from __future__ import annotations
