@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from editing.methods import available_methods, get_method
+from editing.storage.files import atomic_write_text
 from eval.bench.common import describe_machine, machine_info, reason_of
 from ui.browser import CHROMIUM, IDLE, RESULT, free_port, server_unavailable_reason, streamlit_server, wait_healthy
 
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path, content in ((args.markdown, text), (args.json, json.dumps(server, indent=1))):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
+            atomic_write_text(path, content)
     return 0 if server.get("status") in ("ok", "skipped") else 1
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from editing.storage.files import atomic_write_text
 from eval.bench.common import describe_machine
 from eval.bench.rows import BenchResults
 from eval.realcost import cost_markdown
@@ -110,13 +111,13 @@ def write_results(results: BenchResults, out: Path) -> dict[str, Path]:
     written: dict[str, Path] = {}
     for name, frame in results.frames().items():
         path = out / f"{name}.csv"
-        frame.to_csv(path, index=False)
+        atomic_write_text(path, frame.to_csv(index=False))
         written[name] = path
     written["machine"] = out / "machine.json"
-    written["machine"].write_text(json.dumps({"machine": results.machine, "config": results.config,
-                                              "measured": results.measured}, indent=1, default=str))
+    atomic_write_text(written["machine"], json.dumps({"machine": results.machine, "config": results.config,
+                                                     "measured": results.measured}, indent=1, default=str))
     written["markdown"] = out / "benchmark.md"
-    written["markdown"].write_text(markdown_report(results))
+    atomic_write_text(written["markdown"], markdown_report(results))
     plot = write_plot(results, out)
     if plot is not None:
         written["plot"] = plot
