@@ -179,6 +179,11 @@ def test_serac_raises_reliability_on_held_out_edits(serac_demo, demo):
     edited = score_routes(routes, targets)
     plain_top1 = sum(s.hits[0].item() for s in plain) / len(plain)
     edited_top1 = sum(s.hits[0].item() for s in edited) / len(edited)
+    on_edit_prompt = [q == r.request.text for q, r in pairs]
+    for name, wanted in (("edit prompts", True), ("paraphrases", False)):
+        hits = [s.hits[0].item() for s, own in zip(edited, on_edit_prompt, strict=True) if own == wanted]
+        print(f"SERAC, {len(records)} held-out edits in one memory: new target top-1 for "
+              f"{sum(hits) / len(hits):.0%} of {len(hits)} {name}")
     assert plain_top1 <= 0.05
     assert edited_top1 >= 0.75
 
@@ -199,6 +204,7 @@ def test_serac_leaves_out_of_scope_answers_unchanged(serac_demo, demo):
     routes = session.routes(outside)
     untouched = [route.handle is demo and route.prompt == q and route.routed_by is None
                  for route, q in zip(routes, outside, strict=True)]
+    print(f"SERAC out of scope: {sum(untouched)} of {len(untouched)} queries go to the unchanged model")
     assert sum(untouched) / len(untouched) >= 0.97
     kept = [q for q, ok in zip(outside, untouched, strict=True) if ok]
     answers = [predictions[0].token for predictions in top_predictions(demo, kept, k=1)]
