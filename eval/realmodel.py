@@ -9,12 +9,16 @@ generality, locality and portability both teacher-forced (the survey's token-lev
 pre/post agreement) and by greedy generation (does the continuation contain the probe's answer,
 :func:`eval.metrics.generation_contains`). Records come from :mod:`eval.realfacts` (facts the
 model knows, filtered and cached per model); every case is edited alone on the unedited model.
-The unedited model's numbers are computed once and shown as the first row.
+The unedited model's numbers are computed once and shown as the first row; the command keeps
+them in the cache (keyed by the model, its device and dtype, every probe and the generation
+length), so a later run over the same records does not pay the unedited pass again.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import platform
@@ -33,17 +37,19 @@ from editing.core.edit import EditError
 from editing.core.request import InvalidEditRequest
 from editing.core.session import EditSession
 from editing.storage.files import atomic_write_text
-from eval.evaluate import GENERATION_KINDS, generate_probes, outcome_table, predict, with_generations
+from editing.storage.paths import cache_dir
+from eval.evaluate import GENERATION_KINDS, ProbeOutcome, generate_probes, outcome_table, predict, with_generations
 from eval.metrics import GENERATION_METRICS, TOKEN_METRICS, summarize
 from eval.realfacts import KnownFacts, generate_records, known_facts, record_to_case
 
 if TYPE_CHECKING:
     from editing.models.loader import ModelHandle
     from eval.datasets import EditCase
-    from eval.evaluate import ProbeOutcome
 
 ProgressFn = Callable[[float, str], None]
 DEFAULT_OUT = Path("docs/smollm2-results.md")
+#: part of the unedited pass's cache key: bump it when what that pass computes changes meaning
+UNEDITED_PASS_VERSION = 1
 
 
 @dataclass
@@ -89,25 +95,32 @@ def results_table(handle: ModelHandle, cases: Sequence[EditCase], methods: Seque
                   probe_tokens: int = 20, hparams: dict[str, dict[str, Any]] | None = None,
                   progress: ProgressFn | None = None,
                   on_method: Callable[[MethodResult, list[MethodResult]], None] | None = None,
-                  ) -> tuple[MethodResult, list[MethodResult]]:
+                  unedited_cache: Path | None = None) -> tuple[MethodResult, list[MethodResult]]:
     """The unedited baseline and one :class:`MethodResult` per method over ``cases``.
 
     Predictions and generations before the edit are computed once per case and shared by every
     method; each case is then edited alone in a fresh session and judged again. A method that
     fails on a case counts a failure (its first error is kept) and goes on with the next case.
     ``on_method(baseline, results so far)`` is called after each method, so a long run can keep
-    what it has measured.
+    what it has measured. With ``unedited_cache`` (:func:`unedited_pass_file`) the predictions and
+    generations before the edits are read from that file when it exists, else written to it.
     """
     progress = progress or (lambda _f, _m: None)
     hparams = hparams or {}
-    base = EditSession(handle)
-    before: list[list[ProbeOutcome]] = []
-    gen_before: list[list[str]] = []
     judged = [[p for p in c.probes.probes if p.kind in GENERATION_KINDS] for c in cases]
-    for index, case in enumerate(cases):
-        progress(index / max(1, len(cases)) / (len(methods) + 1), f"unedited model: case {index + 1}/{len(cases)}")
-        before.append(predict(base, case.probes.probes, k=0))
-        gen_before.append(generate_probes(base, judged[index], probe_tokens))
+    cached = read_unedited_pass(unedited_cache, cases) if unedited_cache is not None else None
+    if cached is not None:
+        progress(0.0, f"unedited model: read from {unedited_cache}")
+        before, gen_before = cached
+    else:
+        base = EditSession(handle)
+        before, gen_before = [], []
+        for index, case in enumerate(cases):
+            progress(index / max(1, len(cases)) / (len(methods) + 1), f"unedited model: case {index + 1}/{len(cases)}")
+            before.append(predict(base, case.probes.probes, k=0))
+            gen_before.append(generate_probes(base, judged[index], probe_tokens))
+        if unedited_cache is not None:
+            write_unedited_pass(unedited_cache, before, gen_before)
     baseline_rows = []
     for index, case in enumerate(cases):
         table = _table(case, judged[index], before[index], before[index], gen_before[index], gen_before[index])
@@ -141,6 +154,36 @@ def results_table(handle: ModelHandle, cases: Sequence[EditCase], methods: Seque
             on_method(baseline, results)
     progress(1.0, "done")
     return baseline, results
+
+
+def unedited_pass_file(handle: ModelHandle, cases: Sequence[EditCase], probe_tokens: int) -> Path:
+    """Where the unedited pass over ``cases`` is cached: a key over the model, its device and dtype,
+    torch's version, every probe and the generation length."""
+    probes = [[dataclasses.asdict(p) for p in case.probes.probes] for case in cases]
+    parts = [handle.fingerprint(), str(handle.device), str(handle.dtype), torch.__version__, probes, probe_tokens,
+             UNEDITED_PASS_VERSION]
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_dir("realmodel") / f"unedited-{key}.json"
+
+
+def write_unedited_pass(path: Path, before: Sequence[Sequence[ProbeOutcome]],
+                        gen_before: Sequence[Sequence[str]]) -> None:
+    """Keep the unedited pass (each outcome without its probe, which the key already fixes)."""
+    outcomes = [[{k: v for k, v in dataclasses.asdict(o).items() if k != "probe"} for o in case] for case in before]
+    atomic_write_text(path, json.dumps({"before": outcomes, "generations": [list(g) for g in gen_before]}))
+
+
+def read_unedited_pass(path: Path, cases: Sequence[EditCase],
+                       ) -> tuple[list[list[ProbeOutcome]], list[list[str]]] | None:
+    """The cached unedited pass over ``cases``, or None when there is none (or it does not fit)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        before = [[ProbeOutcome(probe=probe, **{**fields, "top": [tuple(t) for t in fields["top"]]})
+                   for probe, fields in zip(case.probes.probes, outcomes, strict=True)]
+                  for case, outcomes in zip(cases, data["before"], strict=True)]
+        return before, [list(g) for g in data["generations"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _table(case: EditCase, judged: Sequence[Any], before: Sequence[ProbeOutcome], after: Sequence[ProbeOutcome],
@@ -230,6 +273,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--records", type=Path, default=None,
                         help="also write the CounterFact-style records used (JSON; "
                              "`python -m eval run --data` reads it)")
+    parser.add_argument("--fresh-baseline", action="store_true",
+                        help="compute the unedited pass again instead of reading it from the cache")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     return parser
 
@@ -278,8 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(results) < len(methods):  # the finished rows survive an interrupted run
             atomic_write_text(args.out, markdown(baseline, results))
 
+    cache = unedited_pass_file(handle, cases, args.tokens)
+    if args.fresh_baseline:
+        cache.unlink(missing_ok=True)
     baseline, results = results_table(handle, cases, methods, probe_tokens=args.tokens, progress=progress,
-                                      on_method=keep_partial)
+                                      on_method=keep_partial, unedited_cache=cache)
     text = markdown(baseline, results)
     print(text)
     atomic_write_text(args.out, text)

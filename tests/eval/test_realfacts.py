@@ -312,6 +312,32 @@ def test_results_table_command_on_the_demo_model(demo, rank_one_method, tmp_path
     assert "facts the model knows" in text and "| **total** |" in text
 
 
+def test_the_unedited_pass_is_cached_and_read_back_unchanged(demo, rank_one_method, tmp_path, monkeypatch, capsys):
+    """A second run over the same records reads the unedited pass from the cache and prints the same
+    table; ``--fresh-baseline`` computes it again."""
+    monkeypatch.setattr(realfacts, "cache_dir", lambda *parts: tmp_path)
+    monkeypatch.setattr(realmodel, "cache_dir", lambda *parts: tmp_path)
+    out = tmp_path / "results.md"
+    args = ["--model", "demo", "--methods", rank_one_method, "--n", "2", "--tokens", "3", "--out", str(out)]
+
+    def run(*extra: str) -> tuple[dict[str, list[str]], str]:
+        assert realmodel.main([*args, *extra]) == 0
+        rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+                for line in out.read_text(encoding="utf-8").splitlines() if line.startswith("| ")}
+        return rows, capsys.readouterr().err
+
+    first, log = run()
+    assert "unedited model: case 1/2" in log and len(list(tmp_path.glob("unedited-*.json"))) == 1
+    second, log = run()
+    assert "unedited model: read from" in log and "unedited model: case" not in log
+    assert second["(unedited)"] == first["(unedited)"]
+    # every metric of the method's row (edit times and peak memory, columns 2 to 4, are measured afresh)
+    assert second[rank_one_method][:2] + second[rank_one_method][5:] == \
+        first[rank_one_method][:2] + first[rank_one_method][5:]
+    _rows, log = run("--fresh-baseline")
+    assert "unedited model: case 1/2" in log
+
+
 def test_results_table_rejects_unknown_methods(demo, capsys):
     assert realmodel.main(["--model", "demo", "--methods", "NoSuchMethod", "--n", "2", "--quiet"]) == 2
     assert "NoSuchMethod" in capsys.readouterr().err
