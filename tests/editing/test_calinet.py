@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -93,18 +95,19 @@ def test_batch_of_100_facts_is_learnt_locally(demo):
     """One calibration FFN of 64 slots for 100 counterfacts (the paper's main setting).
 
     Locality is measured on neighbours outside CaliNET's training memory, as the evaluation draws
-    them: measured 0.81 (loaded 2-core machine, deterministic). On memory-side neighbours, which its
-    KL term trains on, the same edit keeps 0.98 — the 0.96 this test asserted before issue 13 was
-    measured on neighbours the KL term had been trained to keep.
+    them: measured 0.81 (deterministic; printed with ``pytest -s``). Before issue 13 this test
+    measured it on neighbours its KL term had been trained to keep.
     """
     records, near, base = heldout_edits_and_neighbours(demo, 100, seed=2, near_from=30)
+    start = time.perf_counter()
     edit = get_method("CaliNET").apply(demo, [r.request for r in records])
+    seconds = time.perf_counter() - start  # printed, not asserted
     try:
         reliability, generality, locality = edit_figures(demo, records, near, base)
     finally:
         edit.revert(demo)
     print(f"CaliNET batch of 100: reliability {reliability:.2f}, generality (held-out templates) {generality:.2f}, "
-          f"locality {locality:.3f}, {edit.info}")
+          f"locality {locality:.3f}, edit took {seconds:.2f} s, {edit.info}")
     assert reliability >= 0.98 and generality >= 0.6 and locality >= 0.75
     assert edit.n_slots == 64 and edit.size_bytes == 2 * 64 * demo.d_model * 4
 

@@ -107,7 +107,8 @@ def test_sequential_edits_add_one_neuron_each_and_keep_earlier_edits(demo):
     with session.active():
         reliability, generality, locality = edit_figures(demo, records, near, base)
     print(f"T-Patcher after 50 sequential edits: reliability {reliability:.2f}, generality {generality:.2f}, "
-          f"locality {locality:.3f}, {sum(e.info['converged'] for e in session.edits)}/50 converged")
+          f"locality {locality:.3f}, {count_patch_neurons(session.edits)} neurons, "
+          f"{sum(e.info['converged'] for e in session.edits)}/50 converged")
     assert reliability >= 0.9
     assert locality >= 0.88
     assert not handle_stack(demo)
