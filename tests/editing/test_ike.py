@@ -212,7 +212,8 @@ def test_ike_on_held_out_edits_of_the_demo_model(demo):
         top1 = [sum(s.hits[0].item() for s in scores) / len(scores) for scores in (plain, edited)]
         print(f"IKE, {len(records)} held-out edits, {len(prompts)} {name}: log P(new) {gain.mean():+.1f} nats, "
               f"rises for {(gain > 0).float().mean():.0%}; new target top-1 {top1[1]:.0%} ({top1[0]:.0%} without "
-              f"context); own new fact in the context for {sum(own) / len(own):.0%}")
+              f"context); own new fact in the context for {sum(own) / len(own):.0%}; "
+              f"{sum(r.n_demonstrations for r in routes) / len(routes):.1f} demonstrations per query")
         assert top1[0] <= 0.05
         assert gain.mean() > 3.0 and (gain > 0).float().mean() >= 0.8
 
