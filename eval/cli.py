@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _hparams_arg(text: str) -> dict[str, Any]:
+def hparams_arg(text: str) -> dict[str, Any]:
     """``--hparams``: inline JSON, or ``@path`` to a JSON file holding the object — or a whole preset
     file (editing/methods/presets), whose ``"hparams"`` are taken, so a preset can be tried as is."""
     source = "--hparams"
@@ -170,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
     from eval.datasets import load_dataset
     from eval.runs import run_experiment
 
-    hparams = _hparams_arg(args.hparams) if args.hparams else None
+    hparams = hparams_arg(args.hparams) if args.hparams else None
     cases = load_dataset(args.data, fmt=args.fmt, limit=args.n, seed=args.seed)
     # a first use says what it waits for: a build or conversion, or another process's
     handle = load_model(args.model, device=args.device, dtype=args.dtype,

@@ -712,6 +712,38 @@ def generate_records(known: KnownFacts, n: int | None = 50, seed: int = 0, n_nei
     return out
 
 
+def probed_subjects(records: Sequence[dict[str, Any]]) -> set[str]:
+    """Every subject the records edit or probe: their own, their neighbours' and their unrelated facts'."""
+    subjects = set()
+    for record in records:
+        subjects.add(record["requested_rewrite"]["subject"])
+        subjects.update(item["subject"] for key in ("neighborhood", "unrelated") for item in record.get(key, [])
+                        if item.get("subject"))
+    return subjects
+
+
+def editor_training_records(known: KnownFacts, evaluation: Sequence[dict[str, Any]], seed: int = 0,
+                            ) -> list[dict[str, Any]]:
+    """Training records for a learned editor (MEND, KE, SERAC) on facts the model knows, in the JSON
+    Lines format ``python -m editing.train --data`` reads, that never meet ``evaluation``: no record
+    edits, and no locality pair asks about, a subject that the evaluation records edit or probe
+    (:func:`probed_subjects`). Locality pairs are the record's neighbours and unrelated facts with
+    the model's own answers; a record left without any is dropped."""
+    taken = probed_subjects(evaluation)
+    out = []
+    for record in generate_records(known, n=None, seed=seed):
+        rewrite = record["requested_rewrite"]
+        if rewrite["subject"] in taken:
+            continue
+        locality = [[item["prompt"], item["target"]] for key in ("neighborhood", "unrelated")
+                    for item in record.get(key, []) if item.get("subject") not in taken]
+        if locality:
+            out.append({"prompt": rewrite["prompt"], "subject": rewrite["subject"],
+                        "target_new": rewrite["target_new"]["str"], "target_true": rewrite["target_true"]["str"],
+                        "paraphrases": list(record.get("paraphrase_prompts", [])), "locality": locality})
+    return out
+
+
 def record_to_case(record: dict[str, Any]) -> EditCase:
     """The :class:`~eval.datasets.EditCase` of a record from :func:`generate_records` (every probe kept,
     neighbours with their own answers)."""
@@ -760,7 +792,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="a model spec, e.g. smollm2-135m")
     which.add_argument("--installed", action="store_true", help="every installed pretrained model")
+    parser.add_argument("--training-records", type=Path, default=None, metavar="FILE",
+                        help="also write records to train a learned editor on (JSON Lines, for "
+                             "`python -m editing.train --data`), with --model")
+    parser.add_argument("--exclude", type=Path, default=None, metavar="RECORDS",
+                        help="evaluation records (`python -m eval.realmodel --records`) whose subjects the "
+                             "training records must not edit or probe")
     args = parser.parse_args(argv)
+    if args.training_records is not None and args.model is None:
+        parser.error("--training-records needs --model")
     if args.installed:
         from editing.models.pretrained import available_pretrained
 
@@ -773,6 +813,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name}: {known.summary()} ({time.perf_counter() - started:.1f} s)")
         for relation, (kept, asked) in sorted(known.per_relation.items()):
             print(f"  {relation:28s} {kept:4d} / {asked}")
+        if args.training_records is not None:
+            evaluation = json.loads(args.exclude.read_text(encoding="utf-8")) if args.exclude else []
+            records = editor_training_records(known, evaluation)
+            atomic_write_text(args.training_records, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                              for r in records))
+            print(f"{len(records)} training records written to {args.training_records}, none editing or probing "
+                  f"the {len(probed_subjects(evaluation))} subjects of {args.exclude or 'no evaluation records'}")
     return 0
 
 

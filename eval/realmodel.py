@@ -258,6 +258,23 @@ def results_markdown(model: str, known: KnownFacts, cases: Sequence[EditCase], b
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
+def method_hparams(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--hparams METHOD=JSON`` items as {method: settings}; each method must be one of ``methods``."""
+    from editing.methods import get_method
+    from eval.cli import hparams_arg
+
+    chosen: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not value:
+            raise ValueError(f"--hparams {item!r}: write METHOD=JSON, e.g. MEND='{{\"lr_scale\": 2}}'.")
+        method = get_method(name.strip()).name
+        if method not in methods:
+            raise ValueError(f"--hparams {item!r}: {method} is not among the methods run ({', '.join(methods)}).")
+        chosen[method] = {**chosen.get(method, {}), **hparams_arg(value)}
+    return chosen
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval.realmodel",
                                      description="Results table of editing methods on a real model.")
@@ -273,6 +290,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--records", type=Path, default=None,
                         help="also write the CounterFact-style records used (JSON; "
                              "`python -m eval run --data` reads it)")
+    parser.add_argument("--hparams", action="append", default=[], metavar="METHOD=JSON",
+                        help="settings for one method: inline JSON or @file, as `python -m eval run --hparams` "
+                             "reads them (e.g. MEND='{\"checkpoint\": \"<editor folder>\"}'); repeatable")
     parser.add_argument("--fresh-baseline", action="store_true",
                         help="compute the unedited pass again instead of reading it from the cache")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
@@ -299,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from editing.methods import get_method
 
         methods = [get_method(m).name for m in methods]  # a typo fails here, with the list of methods
+        hparams = method_hparams(args.hparams, methods)
+        for method, settings in hparams.items():  # a wrong field fails here, not once per case
+            get_method(method).resolve_hparams(handle, settings).validate(handle)
         progress(0.0, f"finding the facts {args.model} knows (cached after the first time)")
         known = known_facts(handle)
         records = generate_records(known, n=args.n, seed=args.seed)
@@ -326,8 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = unedited_pass_file(handle, cases, args.tokens)
     if args.fresh_baseline:
         cache.unlink(missing_ok=True)
-    baseline, results = results_table(handle, cases, methods, probe_tokens=args.tokens, progress=progress,
-                                      on_method=keep_partial, unedited_cache=cache)
+    baseline, results = results_table(handle, cases, methods, probe_tokens=args.tokens, hparams=hparams,
+                                      progress=progress, on_method=keep_partial, unedited_cache=cache)
     text = markdown(baseline, results)
     print(text)
     atomic_write_text(args.out, text)

@@ -23,7 +23,7 @@ from editing.methods.presets import PRESETS_ENV, SHIPPED_DIR, method_presets, mo
 from editing.methods.presets.__main__ import main as presets_main
 from editing.methods.rome import ROME_DEPTH_FRACTION, ROME_PRESETS, ROMEHyperParams, is_shallow
 from editing.models.tiny import TINY_FAMILIES, tiny_model
-from eval.cli import _hparams_arg
+from eval.cli import hparams_arg
 from eval.cli import main as cli_main
 
 # -- the presets as they were in code before they moved to files (issue #15) ----------------------
@@ -287,16 +287,16 @@ def test_two_files_for_one_model_in_one_folder_are_refused(tmp_path, monkeypatch
 
 # -- the command lines ----------------------------------------------------------------------------
 def test_hparams_argument_reads_inline_json_a_file_or_a_preset_file(tmp_path):
-    assert _hparams_arg('{"layer": 1}') == {"layer": 1}
+    assert hparams_arg('{"layer": 1}') == {"layer": 1}
     plain = tmp_path / "hp.json"
     plain.write_text('{"layer": 2, "v_lr": 0.1}')
-    assert _hparams_arg(f"@{plain}") == {"layer": 2, "v_lr": 0.1}
+    assert hparams_arg(f"@{plain}") == {"layer": 2, "v_lr": 0.1}
     preset = write_preset(tmp_path, "ROME", "tiny", TINY_KEY, {"layer": 3})
-    assert _hparams_arg(f"@{preset}") == {"layer": 3}
+    assert hparams_arg(f"@{preset}") == {"layer": 3}
     for text, phrase in ((f"@{tmp_path / 'missing.json'}", "cannot read it"), ("[1]", "JSON object"),
                          ("{oops", "not valid JSON")):
         with pytest.raises(ValueError, match=phrase):
-            _hparams_arg(text)
+            hparams_arg(text)
 
 
 def test_a_bad_value_in_an_hparams_file_is_refused_by_the_cli(demo_handle, tmp_path, capsys):

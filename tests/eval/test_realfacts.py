@@ -12,6 +12,7 @@ from editing.analysis.scoring import generate
 from editing.core.request import EditRequest
 from editing.core.session import EditSession
 from editing.storage.factbase import is_memory_subject, load_factbase
+from editing.train import load_record_file
 from eval import realfacts, realmodel
 from eval.datasets import load_dataset
 from eval.evaluate import GENERATION_COLUMNS, GENERATION_KINDS, evaluate_edit
@@ -241,6 +242,43 @@ def test_generated_records_are_counterfact_style(tmp_path):
     assert [p.prompt for p in read[0].probes.by_kind("generality")] == records[0]["paraphrase_prompts"]
 
 
+def test_editor_training_records_never_meet_the_evaluation(tmp_path):
+    """Records a learned editor trains on edit no subject the evaluation edits or probes, and none of
+    their locality pairs asks about one; they are in the format editing.train reads."""
+    known = _known()
+    evaluation = generate_records(known, n=2, seed=3, n_neighbours=2)
+    taken = realfacts.probed_subjects(evaluation)
+    edited = {r["requested_rewrite"]["subject"] for r in evaluation}
+    assert edited < taken  # neighbours and unrelated facts count too
+    records = realfacts.editor_training_records(known, evaluation, seed=3)
+    unfiltered = realfacts.editor_training_records(known, [], seed=3)
+    assert records and len(records) < len(unfiltered)
+    assert {r["subject"] for r in unfiltered} & taken  # the filter had something to do
+    subjects = {f.subject for f in known.facts}
+    for record in records:
+        assert record["subject"] not in taken and record["target_new"] != record["target_true"]
+        assert record["locality"] and record["paraphrases"]
+        for prompt, _answer in record["locality"]:
+            about = [s for s in subjects if s in prompt]
+            assert about and not set(about) & taken, prompt
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    read = load_record_file(path, "train") + load_record_file(path, "heldout")
+    assert sorted(r.request.subject for r in read) == sorted(r["subject"] for r in records)
+
+
+def test_training_records_command(demo, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(realfacts, "known_facts", lambda handle, progress=None: _known())
+    evaluation = tmp_path / "evaluation.json"
+    evaluation.write_text(json.dumps(generate_records(_known(), n=2, seed=0)), encoding="utf-8")
+    out = tmp_path / "train.jsonl"
+    assert realfacts.main(["--model", "demo", "--training-records", str(out), "--exclude", str(evaluation)]) == 0
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert lines and f"{len(lines)} training records written to {out}" in capsys.readouterr().out
+    assert not {json.loads(line)["subject"] for line in lines} & realfacts.probed_subjects(
+        json.loads(evaluation.read_text(encoding="utf-8")))
+
+
 # -- judging by generation -----------------------------------------------------------------------
 @pytest.mark.parametrize(("text", "target", "said"), [
     ("Paris. It is the largest city", "Paris", True),
@@ -336,6 +374,31 @@ def test_the_unedited_pass_is_cached_and_read_back_unchanged(demo, rank_one_meth
         first[rank_one_method][:2] + first[rank_one_method][5:]
     _rows, log = run("--fresh-baseline")
     assert "unedited model: case 1/2" in log
+
+
+def test_results_table_passes_each_methods_settings(demo, rank_one_method, tmp_path, monkeypatch, capsys):
+    """``--hparams METHOD=JSON`` reaches every edit of that method; a wrong field or a method not run
+    is refused before any case runs."""
+    monkeypatch.setattr(realfacts, "cache_dir", lambda *parts: tmp_path)
+    monkeypatch.setattr(realmodel, "cache_dir", lambda *parts: tmp_path)
+    seen = []
+    original = realmodel.EditSession.apply
+
+    def spy(self, method, requests, hparams=None, *args, **kwargs):
+        seen.append(hparams)
+        return original(self, method, requests, hparams, *args, **kwargs)
+
+    monkeypatch.setattr(realmodel.EditSession, "apply", spy)
+    args = ["--model", "demo", "--methods", rank_one_method, "--n", "2", "--tokens", "3",
+            "--out", str(tmp_path / "results.md"), "--quiet"]
+    assert realmodel.main([*args, "--hparams", f'{rank_one_method}={{"strength": 5.0}}']) == 0
+    assert seen == [{"strength": 5.0}] * 2
+    capsys.readouterr()
+    assert realmodel.main([*args, "--hparams", f'{rank_one_method}={{"no_such_field": 1}}']) == 2
+    assert "no_such_field" in capsys.readouterr().err
+    assert realmodel.main([*args, "--hparams", 'ROME={"layer": 1}']) == 2
+    assert "ROME is not among the methods run" in capsys.readouterr().err
+    assert seen == [{"strength": 5.0}] * 2  # the refused runs edited nothing
 
 
 def test_results_table_rejects_unknown_methods(demo, capsys):
