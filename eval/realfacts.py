@@ -659,8 +659,17 @@ def _pick_requests(known: KnownFacts, factbase: FactBase, n: int | None, seed: i
             objects = sorted(set(spelled) - {fact.entity})
             seconds = [c.second for c in factbase.compositions if c.first == relation]
             chained = [o for o in objects if any(factbase.object_of(o, s) for s in seconds)]
+            spelling = {e: min(c.items(), key=lambda item: (-item[1], item[0]))[0] for e, c in spelled.items()}
             entity = rng.choice(chained or objects)
-            target_new = min(spelled[entity].items(), key=lambda item: (-item[1], item[0]))[0]
+            if spelling[entity].strip().casefold() == fact.object.strip().casefold():
+                # two entities the model spells alike ("English" for two sources' names): pick again among
+                # the others (only here, so every record picked before this rule is unchanged)
+                others = [o for o in (chained or objects)
+                          if spelling[o].strip().casefold() != fact.object.strip().casefold()]
+                if not others:
+                    continue
+                entity = rng.choice(others)
+            target_new = spelling[entity]
             prompt = known.relations[relation].templates[0]
             requests.append(EditRequest(prompt, fact.subject, target_new, fact.object))
     return requests

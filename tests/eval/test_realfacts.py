@@ -242,6 +242,19 @@ def test_generated_records_are_counterfact_style(tmp_path):
     assert [p.prompt for p in read[0].probes.by_kind("generality")] == records[0]["paraphrase_prompts"]
 
 
+def test_records_never_move_a_fact_to_its_own_answer_spelled_by_another_source():
+    """Two source names the model answers alike ("English" for English and for British English) are
+    two entities; the new target is never the true answer's spelling (it raised, with every fact asked)."""
+    facts = [KnownFact("United States", "country_language", "English"),
+             KnownFact("Britain", "country_language", "English", canonical="British English"),
+             KnownFact("France", "country_language", "French"), KnownFact("Italy", "country_language", "Italian")]
+    known = count_known("test", [CandidateFact(f.subject, f.relation, f.entity) for f in facts], facts, "d")
+    for seed in range(40):
+        for record in generate_records(known, n=None, seed=seed, n_neighbours=1, n_unrelated=0):
+            rewrite = record["requested_rewrite"]
+            assert rewrite["target_new"]["str"].casefold() != rewrite["target_true"]["str"].casefold()
+
+
 def test_editor_training_records_never_meet_the_evaluation(tmp_path):
     """Records a learned editor trains on edit no subject the evaluation edits or probes, and none of
     their locality pairs asks about one; they are in the format editing.train reads."""
