@@ -376,6 +376,8 @@ def evaluate_editor(handle: ModelHandle, method: EditMethod, records: Sequence[E
     with a ``pre_`` prefix.
     """
     progress = progress or (lambda _f, _m: None)
+    if not records:  # no evaluation asked for (n_eval 0): no figures, rather than zeros that read as results
+        return {"n_edits": 0}
     sums = {"reliability": 0.0, "generality": 0.0, "locality": 0.0, "neighbourhood": 0.0,
             "pre_reliability": 0.0, "pre_generality": 0.0}
     started = time.perf_counter()

@@ -271,6 +271,8 @@ def evaluate_editor(editor: SeracEditor, records: list[EditRecord], factbase: Fa
                     seed: int) -> dict[str, float]:
     """Held-out figures: classifier hit rates (each record's own edit as memory) and the
     counterfactual model's first-token accuracy on paraphrases given the gold edit."""
+    if not records:  # no evaluation asked for (n_eval 0): no figures, rather than zeros that read as results
+        return {"n_heldout_records": 0}
     examples = scope_examples(records, factbase, seed + 1)
     positives, negatives = [], []
     for example in examples:

@@ -68,6 +68,12 @@ def test_scope_examples_label_paraphrases_in_and_neighbours_out():
 
 
 # -- training ---------------------------------------------------------------------------------------
+def test_no_heldout_records_give_no_figures_rather_than_zeros():
+    from editing.methods.serac import evaluate_editor
+
+    assert evaluate_editor(None, [], None, 0) == {"n_heldout_records": 0}  # type: ignore[arg-type]
+
+
 def test_training_is_deterministic_and_resumes_where_it_stopped(tmp_path, monkeypatch):
     handle = tiny_model("gpt2")
     before = params_snapshot(handle)

@@ -282,7 +282,8 @@ def test_readiness_follows_the_chosen_checkpoint(fresh_cache):
     from editing.models.tiny import tiny_model
 
     handle = tiny_model("gpt2")
-    folder, _ = train_editor(handle, "KE", {"steps": 2, "batch_size": 2, "n_eval": 0})
+    folder, report = train_editor(handle, "KE", {"steps": 2, "batch_size": 2, "n_eval": 0})
+    assert report["heldout"] == {"n_edits": 0}  # nothing evaluated: no figures, not zeros
     method = get_method("KE")
     assert "needs an editor trained" in method.readiness(handle)  # the default config is not trained
     assert method.readiness(handle, {"checkpoint": str(folder)}) is None
