@@ -636,6 +636,15 @@ def _pick_requests(known: KnownFacts, factbase: FactBase, n: int | None, seed: i
     by_relation: dict[str, list[KnownFact]] = {}
     for fact in known.facts:
         by_relation.setdefault(fact.relation, []).append(fact)
+    # per relation, each distinct entity ("the Netherlands" and "Netherlands" are one) written as the
+    # model most often writes it
+    spelling_of: dict[str, dict[str, str]] = {}
+    for relation, facts in by_relation.items():
+        spelled: dict[str, Counter[str]] = {}
+        for fact in facts:
+            spelled.setdefault(fact.entity, Counter())[fact.object] += 1
+        spelling_of[relation] = {entity: min(counts.items(), key=lambda item: (-item[1], item[0]))[0]
+                                 for entity, counts in spelled.items()}
     queues = []
     for relation in sorted(by_relation):
         facts = list(by_relation[relation])
@@ -652,20 +661,16 @@ def _pick_requests(known: KnownFacts, factbase: FactBase, n: int | None, seed: i
             if n is not None and len(requests) >= n:
                 break
             fact = facts.pop()
-            # distinct entities ("the Netherlands" and "Netherlands" are one), written as the model most often does
-            spelled: dict[str, Counter[str]] = {}
-            for other in by_relation[relation]:
-                spelled.setdefault(other.entity, Counter())[other.object] += 1
-            objects = sorted(set(spelled) - {fact.entity})
+            spelling = spelling_of[relation]
+            objects = sorted(set(spelling) - {fact.entity})
             seconds = [c.second for c in factbase.compositions if c.first == relation]
             chained = [o for o in objects if any(factbase.object_of(o, s) for s in seconds)]
-            spelling = {e: min(c.items(), key=lambda item: (-item[1], item[0]))[0] for e, c in spelled.items()}
             entity = rng.choice(chained or objects)
-            if spelling[entity].strip().casefold() == fact.object.strip().casefold():
-                # two entities the model spells alike ("English" for two sources' names): pick again among
-                # the others (only here, so every record picked before this rule is unchanged)
-                others = [o for o in (chained or objects)
-                          if spelling[o].strip().casefold() != fact.object.strip().casefold()]
+            # other entities the model spells like this fact's answer ("English" for two sources' names)
+            alike = {o for o in objects if spelling[o].strip().casefold() == fact.object.strip().casefold()}
+            if entity in alike:
+                # pick again among the others (only here, so every record picked before this rule is unchanged)
+                others = [o for o in (chained or objects) if o not in alike]
                 if not others:
                     continue
                 entity = rng.choice(others)
