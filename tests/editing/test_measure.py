@@ -17,8 +17,8 @@ def test_peak_memory_is_the_growth_a_block_causes():
     little; and the figure is growth above the start, never the process's whole resident size."""
     with measure("cpu") as idle:
         time.sleep(0.05)
-    # RSS is process-wide: memory freed meanwhile elsewhere in this worker (earlier tests' cyclic
-    # garbage collected mid-block, seen once in CI as 4096 bytes) hides the block's growth. So the
+    # RSS is process-wide: memory freed meanwhile elsewhere in this worker (most likely earlier tests'
+    # cyclic garbage collected mid-block; CI once read 4096 bytes) hides the block's growth. So the
     # collector is off and the block is measured up to three times; one clean reading must show it.
     blocks, readings = [], []
     gc.disable()
