@@ -27,7 +27,7 @@ import torch
 from editing.core.request import EditRequest
 from editing.learning.training import CHECKPOINT_FORMAT
 from editing.methods.patching import in_training_memory
-from editing.storage.factbase import FactBase, load_factbase
+from editing.storage.factbase import Fact, FactBase, Relation, load_factbase
 from editing.storage.files import atomic_write_text
 from editing.storage.paths import cache_dir
 
@@ -141,6 +141,23 @@ def load_record_file(path: str | Path, split: str = "train") -> list[EditRecord]
         if _subject_heldout(request.subject) == (split == "heldout"):
             records.append(EditRecord(request, paraphrases, locality))
     return records
+
+
+def record_file_factbase(path: str | Path) -> FactBase:
+    """The fact base a record file implies, for trainers that need relations beside the records
+    (SERAC's hard negatives and alternative targets): one relation per edit-prompt template, its
+    facts the true facts ``(subject, template, target_true)`` of every record of both splits.
+
+    A template is the only thing a record says about its relation, so two relations sharing a
+    template would be one here; records without ``target_true`` add no fact.
+    """
+    records = load_record_file(path, "train") + load_record_file(path, "heldout")
+    templates = list(dict.fromkeys(r.request.prompt for r in records))
+    relations = {t: Relation(t, "", "", (t,), (), t) for t in templates}
+    facts = list(dict.fromkeys(Fact(r.request.subject, r.request.prompt, r.request.target_true)
+                               for r in records if r.request.target_true is not None))
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return FactBase(relations, facts, [], digest)
 
 
 def training_records(config: dict[str, Any], split: str = "train") -> list[EditRecord]:

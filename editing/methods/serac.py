@@ -8,7 +8,8 @@ edit ("<edit statement> <query>"); otherwise the unchanged base model answers.
 The learned parts are trained once per base model by ``python -m editing.train SERAC --model demo``
 on counterfactual edit records built from the bundled fact base (:func:`editing.train.edit_records`),
 only those about training-memory subjects (:func:`training_records`), so no fact it learns to route
-is about a subject that a neighbour or unrelated probe of an evaluated edit asks about:
+is about a subject that a neighbour or unrelated probe of an evaluated edit asks about; or with
+``--data FILE`` on a record file's records, each edit-prompt template taken as a relation:
 
 * scope classifier — the paper's embedding variant: similarity ``exp(-s·‖P e − P q‖²)`` between
   the edit's input text ``e`` and the query ``q``, trained with binary cross-entropy on positives
@@ -68,11 +69,12 @@ from editing.methods.serac_data import (
     counterfactual_prompt,
     edit_statement,
     scope_examples,
+    training_factbase,
     training_records,
 )
 from editing.models.tokens import pad_batch, pad_id
-from editing.storage.factbase import FactBase, load_factbase
-from editing.train import REPORT_FILE, EditRecord, Trainer, checkpoint_config, edit_records, register_trainer
+from editing.storage.factbase import FactBase
+from editing.train import REPORT_FILE, EditRecord, Trainer, checkpoint_config, register_trainer
 
 if TYPE_CHECKING:
     from editing.models.loader import ModelHandle
@@ -129,6 +131,7 @@ def default_config(handle: ModelHandle) -> dict[str, Any]:
     return {
         "seed": 0,
         "encoder": resolve_encoder_kind("auto"),
+        "data": "",  # a JSON Lines file of edit records (editing.train.load_record_file); "": the fact base
         "n_records": 0,  # 0 = every training record
         "hard_negatives": 2,
         "classifier_steps": 300,
@@ -214,8 +217,8 @@ def load_counterfactual(handle: ModelHandle, folder: Path, dtype: torch.dtype) -
     return load_trained(_empty_like_base(handle, dtype), folder, COUNTERFACTUAL_PART).to(handle.device)
 
 
-def train_counterfactual(handle: ModelHandle, records: list[EditRecord], config: dict[str, Any],
-                         folder: Path, progress: ProgressFn) -> nn.Module:
+def train_counterfactual(handle: ModelHandle, records: list[EditRecord], factbase: FactBase,
+                         config: dict[str, Any], folder: Path, progress: ProgressFn) -> nn.Module:
     """Fine-tune a copy of the base model to answer in-scope queries from the edit in its context.
 
     Checkpoints (weights, AdamW moments, step) are written every ``save_every`` steps and training
@@ -224,7 +227,7 @@ def train_counterfactual(handle: ModelHandle, records: list[EditRecord], config:
     """
     seed, steps = int(config["seed"]), int(config["cf_steps"])
     batch_size, base_lr, warmup = int(config["cf_batch"]), float(config["cf_lr"]), int(config["cf_warmup"])
-    examples = counterfactual_examples(handle, records, load_factbase(), seed, int(config["cf_targets_per_query"]))
+    examples = counterfactual_examples(handle, records, factbase, seed, int(config["cf_targets_per_query"]))
     if not examples:
         raise EditError("No counterfactual training examples fit the model's context.")
     model = _fresh_copy(handle)
@@ -248,7 +251,7 @@ def train_counterfactual(handle: ModelHandle, records: list[EditRecord], config:
 def train_serac(handle: ModelHandle, config: dict[str, Any], folder: Path, progress: ProgressFn) -> dict[str, Any]:
     """Trainer entry point: scope classifier, then counterfactual model, then a held-out check."""
     started = time.perf_counter()
-    factbase = load_factbase()
+    factbase = training_factbase(config)
     records = training_records(config)
     encoder = sentence_encoder(handle, config["encoder"])
     if is_trained(folder, CLASSIFIER_PART):  # its examples and their embeddings are not needed again
@@ -256,12 +259,12 @@ def train_serac(handle: ModelHandle, config: dict[str, Any], folder: Path, progr
     else:
         examples = scope_examples(records, factbase, int(config["seed"]), int(config["hard_negatives"]))
         train_classifier(encoder, examples, config, progress, folder)
-    train_counterfactual(handle, records, config, folder, progress)
+    train_counterfactual(handle, records, factbase, config, folder, progress)
     progress(0.92, "SERAC: checking on held-out edits")
     editor = SeracEditor.load(handle, folder, config["encoder"])
     report = {"encoder": encoder.name, "n_train_records": len(records),
               "train_seconds": round(time.perf_counter() - started, 1),
-              **evaluate_editor(editor, edit_records("heldout", seed=int(config["seed"]))[: int(config["n_eval"])],
+              **evaluate_editor(editor, training_records(config, "heldout")[: int(config["n_eval"])],
                                 factbase, int(config["seed"]))}
     return report
 

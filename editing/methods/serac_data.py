@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from editing.core.request import EditRequest
 from editing.methods.patching import in_training_memory, relation_of
 from editing.models.tokens import encode, target_ids
-from editing.storage.factbase import FactBase
-from editing.train import EditRecord, edit_records
+from editing.storage.factbase import FactBase, load_factbase
+from editing.train import EditRecord, edit_records, load_record_file, record_file_factbase
 
 if TYPE_CHECKING:
     from editing.models.loader import ModelHandle
@@ -111,19 +111,37 @@ def scope_examples(records: list[EditRecord], factbase: FactBase, seed: int,
 # ---------------------------------------------------------------------------------------------
 # The records SERAC trains on
 # ---------------------------------------------------------------------------------------------
-def training_records(config: dict[str, Any]) -> list[EditRecord]:
-    """The edit records SERAC trains on: training-split edits of training-memory subjects only
+def training_records(config: dict[str, Any], split: str = "train") -> list[EditRecord]:
+    """The edit records SERAC trains on (``train``) or is checked on (``heldout``).
+
+    From a record file (``config["data"]``): that file's split. From the bundled fact base:
+    training-split edits of training-memory subjects only
     (:func:`editing.methods.patching.in_training_memory`), the first ``n_records`` of them (0: all).
 
     The classifier learns every fact these records mention (edits, paraphrases, locality facts,
     hard negatives) as in or out of some edit's scope; had it seen the probe-side subjects, where
     :mod:`eval.probes` draws neighbours and unrelated facts, its out-of-scope figures would be
     measured on its training data (before: 127 of 145 neighbour probes of 30 held-out cases were
-    about training subjects). Held-out subjects are in no training record either.
+    about training subjects). Held-out subjects are in no training record either. A record file
+    is the caller's promise of the same (``python -m eval.realfacts --training-records --exclude``
+    writes one clear of an evaluation's subjects).
     """
-    records = [r for r in edit_records("train", seed=int(config["seed"])) if in_training_memory(r.request.subject)]
+    seed, data = int(config["seed"]), config.get("data") or ""
+    if data:
+        records = load_record_file(data, split)
+    elif split == "heldout":
+        records = edit_records("heldout", seed=seed)
+    else:
+        records = [r for r in edit_records("train", seed=seed) if in_training_memory(r.request.subject)]
     n = int(config.get("n_records") or 0)
-    return records[:n] if n > 0 else records
+    return records[:n] if n > 0 and split == "train" else records
+
+
+def training_factbase(config: dict[str, Any]) -> FactBase:
+    """Where SERAC's hard negatives and alternative targets come from: the record file's implied
+    fact base (:func:`editing.train.record_file_factbase`) or the bundled one."""
+    data = config.get("data") or ""
+    return record_file_factbase(data) if data else load_factbase()
 
 
 # ---------------------------------------------------------------------------------------------

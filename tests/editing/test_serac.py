@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,7 +26,14 @@ from editing.methods.serac import (
 from editing.methods.serac_data import classifier_text, edit_statement, scope_examples
 from editing.models.tiny import tiny_model
 from editing.storage.factbase import load_factbase
-from editing.train import edit_records, train_editor, trained_checkpoint
+from editing.train import (
+    checkpoint_config,
+    edit_records,
+    load_record_file,
+    record_file_factbase,
+    train_editor,
+    trained_checkpoint,
+)
 from tests.helpers import assert_params_equal, params_snapshot
 
 SMALL = {"n_records": 24, "classifier_steps": 8, "classifier_batch": 12, "cf_steps": 6, "cf_batch": 8,
@@ -105,6 +114,55 @@ def test_training_is_deterministic_and_resumes_where_it_stopped(tmp_path, monkey
     assert not torch.equal(first["cf.transformer.h.0.mlp.c_fc.weight"],
                            before["transformer.h.0.mlp.c_fc.weight"])  # the copy was trained
     assert_params_equal(handle, before)  # the base model itself never changes
+
+
+CAPITALS = {"Peru": "Lima", "Chile": "Santiago", "Kenya": "Nairobi", "Ghana": "Accra", "Nepal": "Kathmandu",
+            "Laos": "Vientiane", "Oman": "Muscat", "Fiji": "Suva", "Mali": "Bamako", "Cuba": "Havana",
+            "Iraq": "Baghdad", "Chad": "N'Djamena"}
+CONTINENTS = {"Peru": "South America", "Chile": "South America", "Kenya": "Africa", "Ghana": "Africa",
+              "Nepal": "Asia", "Laos": "Asia", "Oman": "Asia", "Fiji": "Oceania", "Mali": "Africa",
+              "Cuba": "North America", "Iraq": "Asia", "Chad": "Africa"}
+
+
+def write_real_record_file(path) -> None:
+    """Records in the shape ``python -m eval.realfacts --training-records`` writes, with prompt
+    templates the bundled fact base does not have."""
+    lines = []
+    relations = ((CAPITALS, "The capital of {} is the city of", "{}'s capital city is"),
+                 (CONTINENTS, "{} is located in the continent of", "{} lies in the continent of"))
+    for facts, template, paraphrase in relations:
+        subjects = list(facts)
+        for i, subject in enumerate(subjects):
+            other = subjects[(i + 1) % len(subjects)]
+            target_new = next(o for o in facts.values() if o != facts[subject])
+            lines.append(json.dumps({"prompt": template, "subject": subject, "target_new": target_new,
+                                     "target_true": facts[subject], "paraphrases": [paraphrase.format(subject)],
+                                     "locality": [[template.format(other), facts[other]]]}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_serac_trains_on_a_record_file_with_its_own_relations(tmp_path, monkeypatch):
+    path = tmp_path / "records.jsonl"
+    write_real_record_file(path)
+    factbase = record_file_factbase(path)
+    assert set(factbase.relations) == {"The capital of {} is the city of", "{} is located in the continent of"}
+    assert factbase.object_of("Peru", "The capital of {} is the city of") == "Lima"
+    records = load_record_file(path, "train")
+    examples = scope_examples(records, factbase, seed=0)
+    assert len(examples) == len(records)  # every record's template is a relation: none is dropped
+    for record, example in zip(records, examples, strict=True):
+        outside = [key for _q, key in example.queries if key != example.key]
+        assert [q for q, key in example.queries if key == example.key] == [record.request.text, *record.paraphrases]
+        assert any(key[1] == example.key[1] for key in outside)  # same template, other subject
+        assert any(key[0] == example.key[0] for key in outside)  # same subject, the other template
+
+    monkeypatch.setenv("EDITSCOPE_CACHE", str(tmp_path / "cache"))
+    handle = tiny_model("gpt2")
+    config = {**SMALL, "n_records": 0, "data": str(path)}
+    folder, report = train_editor(handle, "SERAC", config)
+    assert report["n_train_records"] == len(records)
+    assert report["n_heldout_records"] == min(SMALL["n_eval"], len(load_record_file(path, "heldout"))) > 0
+    assert checkpoint_config(folder)["data"] == str(path)
 
 
 def test_serac_trains_edits_routes_and_reverts_on_every_family(tiny_handle, tmp_path, monkeypatch):
