@@ -161,8 +161,9 @@ def counterfactual_examples(handle: ModelHandle, records: list[EditRecord], fact
     for record in records:
         request = record.request
         relation = relation_of(request, factbase)
-        candidates = [o for o in (factbase.objects_of(relation.id) if relation else [])
-                      if o not in (request.target_new, request.target_true)]
+        # Compared as EditRequest compares targets: a record file may spell one object two ways ("China", "china").
+        taken = {request.target_new.casefold(), (request.target_true or "").casefold()}
+        candidates = [o for o in (factbase.objects_of(relation.id) if relation else []) if o.casefold() not in taken]
         targets = [request.target_new, *rng.sample(candidates, min(targets_per_query - 1, len(candidates)))]
         for target in targets:
             variant = EditRequest(request.prompt, request.subject, target, request.target_true)

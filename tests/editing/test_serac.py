@@ -118,10 +118,11 @@ def test_training_is_deterministic_and_resumes_where_it_stopped(tmp_path, monkey
 
 CAPITALS = {"Peru": "Lima", "Chile": "Santiago", "Kenya": "Nairobi", "Ghana": "Accra", "Nepal": "Kathmandu",
             "Laos": "Vientiane", "Oman": "Muscat", "Fiji": "Suva", "Mali": "Bamako", "Cuba": "Havana",
-            "Iraq": "Baghdad", "Chad": "N'Djamena"}
+            "Iraq": "Baghdad", "Chad": "N'Djamena", "Niger": "Niamey"}
 CONTINENTS = {"Peru": "South America", "Chile": "South America", "Kenya": "Africa", "Ghana": "Africa",
               "Nepal": "Asia", "Laos": "Asia", "Oman": "Asia", "Fiji": "Oceania", "Mali": "Africa",
-              "Cuba": "North America", "Iraq": "Asia", "Chad": "Africa"}
+              "Cuba": "North America", "Iraq": "Asia", "Chad": "Africa",
+              "Niger": "africa"}  # a file may spell one object two ways; neither is the other's new target
 
 
 def write_real_record_file(path) -> None:
