@@ -144,7 +144,8 @@ def embedding_noise_level(handle: ModelHandle) -> float:
 def _restore_hook(rows: torch.Tensor, cols: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     def restore(out: torch.Tensor) -> torch.Tensor:
         out = out.clone()
-        out[rows, cols] = out[0, cols]  # row 0 is the clean run
+        at_rows, at_cols = rows.to(out.device), cols.to(out.device)  # the module's device, if sharded
+        out[at_rows, at_cols] = out[0, at_cols]  # row 0 is the clean run
         return out
 
     return restore
@@ -163,7 +164,7 @@ def _answer_probs(handle: ModelHandle, ids: list[int], n_rows: int, answer_id: i
     def corrupt(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         reps = (n_rows - 1) // noise.shape[0]
-        x[1:, start:end] += noise.repeat(reps, 1, 1).to(x.dtype)
+        x[1:, start:end] += noise.repeat(reps, 1, 1).to(x.device, x.dtype)
         return x
 
     with ExitStack() as stack:

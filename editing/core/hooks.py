@@ -3,7 +3,12 @@
 * :func:`capture` records module inputs or outputs during a forward pass;
 * :func:`modify` rewrites a module's output (or input) on the fly;
 * :func:`forward_until` runs the model only as far as the last module whose activations
-  are needed (statistics collection, key computation).
+  are needed (statistics collection, key computation);
+* :func:`at_positions` reads a captured activation at given (row, position) pairs.
+
+A model sharded by a ``device_map`` runs each block on its own device, so an activation is on its
+module's device, and a module's *input* (before accelerate moves it) may still be on the previous
+block's: index and combine activations on the device they are on.
 """
 
 from __future__ import annotations
@@ -82,6 +87,12 @@ def stop_after(model: nn.Module, name: str) -> Iterator[None]:
         yield
     finally:
         h.remove()
+
+
+def at_positions(hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``hidden[rows, positions]`` (``(batch, seq, dim)`` -> ``(n, dim)``), with the index tensors
+    moved to ``hidden``'s device first (a no-op unless the model is sharded)."""
+    return hidden[rows.to(hidden.device), positions.to(hidden.device)]
 
 
 def forward_until(model: nn.Module, last_module: str | None, **model_inputs) -> None:

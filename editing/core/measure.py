@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -31,25 +31,32 @@ class Measurement:
 
 
 @contextmanager
-def measure(device: torch.device | str | None = None, interval_s: float = 0.005) -> Iterator[Measurement]:
+def measure(device: torch.device | str | Sequence[torch.device | str] | None = None,
+            interval_s: float = 0.005) -> Iterator[Measurement]:
     """Measure the block's wall time and its peak extra memory.
 
-    On CUDA the allocator's peak is exact; on CPU a sampling thread reads the process RSS, so
-    the figure is the peak RSS growth seen at ``interval_s`` resolution.
+    On CUDA the allocator's peak is exact; with several devices (a model sharded by a
+    ``device_map``: pass :attr:`ModelHandle.devices`) the figure is the sum of each device's peak,
+    an upper bound of the peak of their sum. On CPU a sampling thread reads the process RSS, so the
+    figure is the peak RSS growth seen at ``interval_s`` resolution.
     """
     result = Measurement()
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    places = [device] if device is None or isinstance(device, (str, torch.device)) else list(device)
+    gpus = list(dict.fromkeys(torch.device(d) for d in places if d is not None and torch.device(d).type == "cuda"))
     start = time.perf_counter()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
+    if gpus:
+        base = {}
+        for gpu in gpus:
+            torch.cuda.synchronize(gpu)
+            base[gpu] = torch.cuda.memory_allocated(gpu)
+            torch.cuda.reset_peak_memory_stats(gpu)
         try:
             yield result
         finally:
-            torch.cuda.synchronize(dev)
+            for gpu in gpus:
+                torch.cuda.synchronize(gpu)
             result.wall_time_s = time.perf_counter() - start
-            result.peak_memory_bytes = max(0, torch.cuda.max_memory_allocated(dev) - base)
+            result.peak_memory_bytes = sum(max(0, torch.cuda.max_memory_allocated(gpu) - base[gpu]) for gpu in gpus)
             result.memory_kind = "cuda"
         return
     base = current_rss_bytes()

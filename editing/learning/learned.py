@@ -134,8 +134,9 @@ def shifted(handle: ModelHandle, shifts: dict[str, LowRankShift],
     def make(shift: LowRankShift):
         def add(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
             rows = example_of_row if example_of_row is not None else torch.arange(inputs.shape[0])
-            left = shift.left[rows.to(shift.left.device)]
-            right = shift.right[rows.to(shift.right.device)]
+            # the editor's device to the module's (they differ when a device_map shards the model)
+            left = shift.left[rows.to(shift.left.device)].to(output.device)
+            right = shift.right[rows.to(shift.right.device)].to(inputs.device)
             coeff = torch.einsum("bsi,bri->bsr", inputs.float(), right)
             return output + torch.einsum("bsr,bro->bso", coeff, left).to(output.dtype)
 
@@ -233,7 +234,8 @@ class GradientFactors:
 def gradient_factors(handle: ModelHandle, weight_names: Sequence[str],
                      batch: TargetBatch) -> tuple[dict[str, GradientFactors], torch.Tensor]:
     """One forward/backward pass: the rank-1 factors of each example's gradient of its own mean
-    target NLL with respect to each weight (and the ``(examples,)`` losses).
+    target NLL with respect to each weight (and the ``(examples,)`` losses), on the model's first
+    device (:attr:`ModelHandle.device`, where editors are built).
 
     The model's parameters need no gradient: the hooks make the module outputs differentiable.
     """
@@ -265,10 +267,12 @@ def gradient_factors(handle: ModelHandle, weight_names: Sequence[str],
                             f"prompts are NaN or infinite, so no update can be computed.")
         grads = torch.autograd.grad(losses.sum(), [outputs[n] for n in weight_names], allow_unused=True)
     factors = {}
+    editor_device = handle.device  # where editors run; a sharded model's weights may be elsewhere
     for name, grad in zip(weight_names, grads, strict=True):
         grad = torch.zeros_like(outputs[name]) if grad is None else grad
-        mask = (grad != 0).any(-1) & batch.attention_mask.bool()
-        factors[name] = GradientFactors(inputs[name].float(), grad.detach().float(), mask)
+        mask = (grad != 0).any(-1) & batch.attention_mask.to(grad.device).bool()
+        factors[name] = GradientFactors(inputs[name].to(editor_device).float(),
+                                        grad.detach().to(editor_device).float(), mask.to(editor_device))
     return factors, losses.detach()
 
 

@@ -62,16 +62,18 @@ def target_batch(handle: ModelHandle, pairs: Sequence[tuple[str, str]]) -> Targe
 
 
 def target_nll(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
-    """``(rows,)`` mean negative log-likelihood of each row's target tokens."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.labels[..., None])[..., 0]
-    mask = batch.scored.float()
+    """``(rows,)`` mean negative log-likelihood of each row's target tokens (on the logits' device:
+    the last layer's, where a device_map shards the model)."""
+    labels, mask = batch.labels.to(logits.device), batch.scored.to(logits.device).float()
+    logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None])[..., 0]
     return -(logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def target_hits(logits: torch.Tensor, batch: TargetBatch) -> torch.Tensor:
     """``(rows,)`` fraction of each row's target tokens that are the argmax (token accuracy)."""
-    hits = (logits.argmax(-1) == batch.labels) & batch.scored
-    return hits.float().sum(-1) / batch.scored.float().sum(-1).clamp(min=1)
+    scored = batch.scored.to(logits.device)
+    hits = (logits.argmax(-1) == batch.labels.to(logits.device)) & scored
+    return hits.float().sum(-1) / scored.float().sum(-1).clamp(min=1)
 
 
 def masked_kl(pre_logits: torch.Tensor, post_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

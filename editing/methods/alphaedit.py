@@ -221,7 +221,8 @@ def earlier_keys(handle: ModelHandle, layer: int) -> torch.Tensor | None:
     """Keys at ``layer`` of the AlphaEdit edits applied to the model now, ``(m, d_ff)``."""
     keys = [edit.preserved_keys[layer] for edit in handle_stack(handle)
             if isinstance(edit, AlphaEditDelta) and layer in edit.preserved_keys]
-    return torch.cat([k.to(handle.device).float() for k in keys]) if keys else None
+    device = handle.module_device(handle.arch.mlp_out_name(layer))
+    return torch.cat([k.to(device).float() for k in keys]) if keys else None
 
 
 def alphaedit_solver(handle: ModelHandle, moments: dict[int, torch.Tensor], hp: AlphaEditHyperParams) -> LayerSolver:

@@ -228,7 +228,7 @@ class EditMethod(ABC):
         depth = len(handle_stack(handle))
         with handle.lock:
             try:
-                with measure(handle.device) as cost:
+                with measure(handle.devices) as cost:
                     edit = self._execute(handle, requests, params, progress)
                     if not edit.is_applied:
                         edit.apply(handle)

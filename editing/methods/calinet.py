@@ -200,7 +200,9 @@ class CaliNET(EditMethod):
             for part in (("keys", "gates") if gated else ("keys",)):
                 weights[f"{layer}.{part}"] = std * torch.randn(hparams.n_slots, d_model, generator=generator)
             weights[f"{layer}.values"] = torch.zeros(hparams.n_slots, d_model)
-        weights = {k: v.to(handle.device).requires_grad_(True) for k, v in weights.items()}
+        # each layer's slots where that layer runs (a device_map may spread the layers over GPUs)
+        weights = {k: v.to(handle.module_device(handle.arch.mlp_name(int(k.split(".")[0])))).requires_grad_(True)
+                   for k, v in weights.items()}
         candidate = CalibrationFFN(method=self.name, requests=requests, hparams=hparams.to_dict(),
                                    layers=tuple(int(x) for x in hparams.layers), weights=weights)
         optimizer = torch.optim.Adam(list(weights.values()), lr=hparams.lr)
@@ -214,15 +216,16 @@ class CaliNET(EditMethod):
                 readouts = _forward_readouts(handle, candidate, batch, kept)
             for steps in range(1, hparams.max_steps + 1):
                 edit_logits = readouts.edit_logits()
-                edit_loss = torch.nn.functional.cross_entropy(edit_logits.float(), labels)
+                edit_labels = labels.to(edit_logits.device)
+                edit_loss = torch.nn.functional.cross_entropy(edit_logits.float(), edit_labels)
                 loss = edit_loss
                 report["edit_nll"] = float(edit_loss.detach())
-                solved = report["edit_nll"] < hparams.stop_loss and bool((edit_logits.argmax(-1) == labels).all())
+                solved = report["edit_nll"] < hparams.stop_loss and bool((edit_logits.argmax(-1) == edit_labels).all())
                 for group in readouts.kept:
                     # KL per group, so the few earlier edits are not averaged away among many facts
                     post = group.logits()
                     kl = masked_kl(group.base, post, torch.ones(len(post), device=post.device))
-                    loss = loss + hparams.locality_coef * kl
+                    loss = loss + hparams.locality_coef * kl.to(loss.device)
                     report[f"{group.name}_kl"] = float(kl.detach())
                     solved = solved and report[f"{group.name}_kl"] < hparams.locality_stop
                     if group.name == "earlier_edits":  # and they must still give their answers
@@ -297,7 +300,7 @@ def _last_block_readouts(handle: ModelHandle, candidate: CalibrationFFN, batch: 
     def readout(inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> Callable[[], torch.Tensor]:
         with capture(handle.model, [mlp_name], inputs=True) as store:
             at_mask = last_block_readout(handle, inputs).at(mask)
-        ffn_inputs = store[mlp_name][mask]
+        ffn_inputs = store[mlp_name][mask.to(store[mlp_name].device)]
         return lambda: at_mask.logits(candidate.contribution(layer, ffn_inputs, act))
 
     groups = []

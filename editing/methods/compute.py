@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -86,20 +87,23 @@ def module_io_at_subject(handle: ModelHandle, module_name: str, templates: Seque
     token) of each filled template.
 
     ``templates`` hold ``{}`` where the subject goes. Returns two float32 ``(n, dim)`` tensors on
-    the model's device; the forward pass stops after the module.
+    the module's device (:meth:`ModelHandle.module_device`: the model's, unless a ``device_map``
+    put the layer elsewhere); the forward pass stops after the module.
     """
     ids, positions = subject_inputs(handle, templates, subjects, fact_token)
     check_length(handle, ids)  # context templates can push a prompt past the position embeddings
+    device = handle.module_device(module_name)
     ins, outs = [], []
     for start in range(0, len(ids), batch_size):
         chunk = ids[start: start + batch_size]
         batch = pad_batch(chunk, pad_id(handle.tokenizer), handle.device)
-        rows = torch.arange(len(chunk), device=handle.device)
-        cols = torch.tensor(positions[start: start + batch_size], device=handle.device)
+        rows = torch.arange(len(chunk), device=device)
+        cols = torch.tensor(positions[start: start + batch_size], device=device)
         with capture(handle.model, [module_name], inputs=True) as got_in, \
                 capture(handle.model, [module_name]) as got_out:
             forward_until(handle.model, module_name, **batch.model_inputs())
-        ins.append(got_in[module_name][rows, cols].float())
+        # a module's input can still be on the previous layer's device: accelerate moves it inside
+        ins.append(got_in[module_name].to(device)[rows, cols].float())
         outs.append(got_out[module_name][rows, cols].float())
     return torch.cat(ins), torch.cat(outs)
 
@@ -271,7 +275,7 @@ def optimise_values(handle: ModelHandle, requests: Sequence[EditRequest], layer:
 
 def _optimise_chunk(handle: ModelHandle, requests: list[EditRequest], layer: int, site: str,
                     context_templates: list[str], hp: ValueHParams, progress: ProgressFn) -> ValueResult:
-    tok, device, model = handle.tokenizer, handle.device, handle.model
+    tok, model = handle.tokenizer, handle.model
     n_req, n_ctx = len(requests), len(context_templates)
     seqs: list[list[int]] = []
     subject_pos: list[int] = []
@@ -297,30 +301,37 @@ def _optimise_chunk(handle: ModelHandle, requests: list[EditRequest], layer: int
         subject_pos.append(lookup_position(handle, hp.kl_prompt, req.subject, hp.fact_token))
     check_length(handle, seqs)
 
-    batch = pad_batch(seqs, pad_id(tok), device)
-    as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
-    rows_all = torch.arange(len(seqs), device=device)
-    owner = as_tensor([r for r in range(n_req) for _ in range(n_ctx + 1)])
-    pos_all = as_tensor(subject_pos)
-    first_rows = as_tensor([r * (n_ctx + 1) for r in range(n_req)])  # the bare "{}" template comes first
-    t_rows_t, t_pos_t, t_ids_t = map(as_tensor, (t_rows, t_pos, t_ids))
-    kl_rows_t = as_tensor(kl_rows)
+    # δ lives where it is added (the site's layer); the loss where the LM head runs. The two differ
+    # when a device_map spreads the layers over several GPUs; otherwise every .to() is a no-op.
+    norm_name, site_name = handle.arch.final_norm, site_module(handle, layer, site)
+    site_device, head_device = handle.module_device(site_name), handle.module_device(handle.arch.lm_head)
+    at_site = partial(torch.tensor, device=site_device)
+    at_head = partial(torch.tensor, device=head_device)
+    batch = pad_batch(seqs, pad_id(tok), handle.device)
+    owners = [r for r in range(n_req) for _ in range(n_ctx + 1)]
+    rows_all = torch.arange(len(seqs), device=site_device)
+    owner = at_site(owners)
+    pos_all = at_site(subject_pos)
+    first_rows = at_site([r * (n_ctx + 1) for r in range(n_req)])  # the bare "{}" template comes first
+    t_rows_t, t_pos_t, t_ids_t = map(at_head, (t_rows, t_pos, t_ids))
+    kl_rows_t = at_head(kl_rows)
+    kl_pos_t = at_head([subject_pos[row] for row in kl_rows])
     kl_set = set(kl_rows)
-    rewrite_rows = as_tensor([i for i in range(len(seqs)) if i not in kl_set])
-    lengths_t = as_tensor(target_lengths).float()
+    rewrite = [i for i in range(len(seqs)) if i not in kl_set]
+    rewrite_rows, rewrite_owner = at_head(rewrite), at_head([owners[i] for i in rewrite])
+    lengths_t = at_head(target_lengths).float()
 
     dim = handle.d_model
-    delta = torch.zeros(n_req, dim, device=device, requires_grad=True)
+    delta = torch.zeros(n_req, dim, device=site_device, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.lr)
     init: torch.Tensor | None = None
     kl_init: torch.Tensor | None = None
-    done = torch.zeros(n_req, dtype=torch.bool, device=device)
-    frozen = torch.zeros(n_req, dim, device=device)
+    done = torch.zeros(n_req, dtype=torch.bool, device=site_device)
+    frozen = torch.zeros(n_req, dim, device=site_device)
     steps_taken = torch.zeros(n_req, dtype=torch.long)
     last_loss = torch.zeros(n_req)
     last_prob = torch.zeros(n_req)
     lm_head = handle.module(handle.arch.lm_head)
-    norm_name, site_name = handle.arch.final_norm, site_module(handle, layer, site)
 
     def add_delta(out: torch.Tensor) -> torch.Tensor:
         nonlocal init
@@ -337,32 +348,32 @@ def _optimise_chunk(handle: ModelHandle, requests: list[EditRequest], layer: int
                 stack.enter_context(modify(model, site_name, add_delta))
                 # Only the final norm's output is needed: the LM head runs on the few scored positions.
                 forward_until(model, norm_name, **batch.model_inputs())
-                hidden = hidden_store[norm_name]
+                hidden = hidden_store[norm_name].to(head_device)
                 logprobs = torch.log_softmax(lm_head(hidden[t_rows_t, t_pos_t]).float(), dim=-1)
                 token_lp = logprobs.gather(1, t_ids_t[:, None])[:, 0]
-                row_lp = torch.zeros(len(seqs), device=device).index_add(0, t_rows_t, token_lp)
-                nll_each = -row_lp[rewrite_rows] / lengths_t[owner[rewrite_rows]]
-                nll = torch.zeros(n_req, device=device).index_add(0, owner[rewrite_rows], nll_each) / n_ctx
-                kl_lp = torch.log_softmax(lm_head(hidden[kl_rows_t, pos_all[kl_rows_t]]).float(), dim=-1)
+                row_lp = torch.zeros(len(seqs), device=head_device).index_add(0, t_rows_t, token_lp)
+                nll_each = -row_lp[rewrite_rows] / lengths_t[rewrite_owner]
+                nll = torch.zeros(n_req, device=head_device).index_add(0, rewrite_owner, nll_each) / n_ctx
+                kl_lp = torch.log_softmax(lm_head(hidden[kl_rows_t, kl_pos_t]).float(), dim=-1)
                 if kl_init is None:
                     kl_init = kl_lp.detach().clone()
                 kl = hp.kl_factor * (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
                 assert init is not None
                 decay = hp.weight_decay * delta.norm(dim=1) / init.norm(dim=1) ** 2
-                loss = nll + kl + decay
-                prob = torch.zeros(n_req, device=device).index_add(0, owner[rewrite_rows], torch.exp(-nll_each)) / n_ctx
+                loss = nll + kl + decay.to(head_device)
+                prob = torch.zeros(n_req, device=head_device).index_add(0, rewrite_owner, torch.exp(-nll_each)) / n_ctx
                 active = ~done
                 last_loss[active.cpu()] = loss.detach().cpu()[active.cpu()]
                 last_prob[active.cpu()] = prob.detach().cpu()[active.cpu()]
                 steps_taken[active.cpu()] += 1
-                newly_done = active & (loss.detach() < hp.early_stop_loss)
+                newly_done = active & (loss.detach().to(site_device) < hp.early_stop_loss)
                 frozen[newly_done] = delta.detach()[newly_done]
                 done |= newly_done
                 progress((step + 1) / hp.steps, f"optimising target values: step {step + 1}/{hp.steps}, "
                                                 f"mean loss {float(loss.detach().mean()):.3f}")
                 if bool(done.all()) or step == hp.steps - 1:
                     break
-                (loss * (~done).float()).sum().backward()
+                (loss * (~done).float().to(head_device)).sum().backward()
             optimiser.step()
             with torch.no_grad():
                 delta[done] = frozen[done]  # Adam's momentum must not move a request that has stopped
@@ -409,7 +420,7 @@ LayerSolver = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class LayerUpdate:
-    """What MEMIT-style spreading wrote into one layer (float32, on the model's device)."""
+    """What MEMIT-style spreading wrote into one layer (float32, on the layer's device)."""
 
     layer: int
     keys: torch.Tensor  # (n, d_ff) context-averaged keys with the earlier layers already updated
@@ -449,7 +460,8 @@ def spread_residuals(handle: ModelHandle, requests: Sequence[EditRequest], layer
             progress(i / len(layers), f"{method}: writing layer {layer}")
             keys = context_keys(handle, layer, requests, context_groups, fact_token)
             z_current = residuals(handle, z_layer, prompts, subjects, fact_token)
-            resid = (targets - z_current).double().T / (len(layers) - i)  # (d_model, n)
+            # (d_model, n), on this layer's device (z lives with the last layer)
+            resid = ((targets - z_current).double().T / (len(layers) - i)).to(keys.device)
             adjusted = solve(layer, keys.double().T, resid)  # (d_ff, n)
             name = mlp_out_param(handle, layer)
             delta = low_rank_delta(handle, name, resid, adjusted)

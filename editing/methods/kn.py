@@ -53,7 +53,7 @@ import torch
 
 from editing.analysis.scoring import last_token_logprobs
 from editing.core.edit import Edit, EditError, ParamDelta, WeightDelta
-from editing.core.hooks import capture, forward_until, modify
+from editing.core.hooks import at_positions, capture, forward_until, modify
 from editing.core.request import EditRequest
 from editing.methods.base import EditMethod, HParams, ProgressFn, no_progress, register
 from editing.methods.checks import (
@@ -124,9 +124,10 @@ def last_position_logits(handle: ModelHandle, input_ids: torch.Tensor, attention
     final_norm = handle.arch.final_norm
     with capture(handle.model, [final_norm], detach=False) as store:
         forward_until(handle.model, final_norm, input_ids=input_ids, attention_mask=attention_mask)
-    hidden = store[final_norm]
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return handle.module(handle.arch.lm_head)(hidden[rows, positions])
+    head_device = handle.module_device(handle.arch.lm_head)
+    hidden = store[final_norm].to(head_device)
+    rows = torch.arange(hidden.shape[0], device=head_device)
+    return handle.module(handle.arch.lm_head)(at_positions(hidden, rows, positions))
 
 
 def neuron_attributions(handle: ModelHandle, prompts: Sequence[str], answer_ids: Sequence[int],
@@ -153,7 +154,8 @@ def neuron_attributions(handle: ModelHandle, prompts: Sequence[str], answer_ids:
     deepest = arch.mlp_out_name(max(int(layer) for layer in layers))
     with torch.no_grad(), capture(model, names, inputs=True) as store:
         forward_until(model, deepest, **base.model_inputs())
-    activations = torch.stack([store[name][everyone, last].float() for name in names], dim=1)
+    # each layer's neurons on their own device, gathered on the model's (its first) device
+    activations = torch.stack([at_positions(store[name], everyone, last).float().to(device) for name in names], dim=1)
 
     # Each prompt appears ``steps`` times, scaled by alpha = k / steps for k = 1..steps; prompts go
     # shortest first so that a chunk of rows pads to similar lengths.
@@ -174,14 +176,14 @@ def neuron_attributions(handle: ModelHandle, prompts: Sequence[str], answer_ids:
             picks = torch.arange(len(owners), device=device)
 
             def splice(hidden: torch.Tensor, scaled=scaled, positions=positions, picks=picks) -> torch.Tensor:
-                hidden = hidden.clone()
-                hidden[picks, positions] = scaled.to(hidden.dtype)
+                hidden = hidden.clone()  # the layer's input: still on the previous layer's device
+                hidden[picks.to(hidden.device), positions.to(hidden.device)] = scaled.to(hidden.device, hidden.dtype)
                 return hidden
 
             with torch.enable_grad(), modify(model, name, splice, inputs=True):
                 logits = last_position_logits(handle, base.input_ids[owners, :width],
                                               base.attention_mask[owners, :width], positions)
-                prob = logits.float().softmax(-1)[picks, answers[owners]]
+                prob = logits.float().to(device).softmax(-1)[picks, answers[owners]]
                 (grad,) = torch.autograd.grad(prob.sum(), scaled)
             grad_sum.index_add_(0, owners, grad.float())
         attributions[:, li] = activations[:, li] * grad_sum / steps
@@ -279,7 +281,7 @@ class KN(EditMethod):
                 layer = layers[layer_pos]
                 value = arch.mlp_out_weight(handle.model, layer)[:, neuron].detach().float()
                 sign = -1.0 if float(activations[0, layer_pos, neuron]) < 0 else 1.0
-                changes.setdefault(layer, []).append((neuron, sign * value.norm() * direction))
+                changes.setdefault(layer, []).append((neuron, sign * value.norm() * direction.to(value.device)))
                 neurons_info.append({
                     "request": index, "layer": layer, "neuron": neuron,
                     "attribution": float(attributions[:, layer_pos, neuron].mean()),

@@ -139,7 +139,8 @@ class MEMITHyperParams(HParams):
 
 @dataclass
 class MemitUpdate:
-    """Every intermediate quantity of a MEMIT update (float32, on the model's device)."""
+    """Every intermediate quantity of a MEMIT update (float32; each layer's on its device, ``z`` on
+    the last layer's)."""
 
     requests: list[EditRequest]
     layers: list[int]
@@ -161,7 +162,7 @@ class MemitUpdate:
 def memit_solver(handle: ModelHandle, moments: dict[int, torch.Tensor], weight: float) -> LayerSolver:
     """MEMIT's per-layer solve: ``(λC + K Kᵀ)⁻¹ K`` in float64."""
     def solve(layer: int, keys: torch.Tensor, _resid: torch.Tensor) -> torch.Tensor:
-        c = moments[layer].to(handle.device, torch.float64)
+        c = moments[layer].to(keys.device, torch.float64)
         return torch.linalg.solve(weight * c + keys @ keys.T, keys)
 
     return solve

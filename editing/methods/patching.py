@@ -90,7 +90,7 @@ class LastBlockReadout:
     def at(self, mask: torch.Tensor) -> LastBlockReadout:
         """The readout of the positions where ``mask`` (rows, seq) is True, flattened to ``(n, d)``
         (norm and head act per position, so positions can be read alone)."""
-        return LastBlockReadout(self.handle, self.block_output[mask])
+        return LastBlockReadout(self.handle, self.block_output[mask.to(self.block_output.device)])
 
 
 @torch.no_grad()
@@ -111,9 +111,9 @@ def module_inputs(handle: ModelHandle, module_name: str, texts: Sequence[str], l
     """float32 inputs of ``module_name``: ``(n_tokens, d)`` at every real token of ``texts``, or
     ``(n_texts, d)`` at each text's last token with ``last_only``.
 
-    The forward pass stops after the module (nothing later is needed).
+    The forward pass stops after the module (nothing later is needed). On the module's device.
     """
-    tok = handle.tokenizer
+    tok, device = handle.tokenizer, handle.module_device(module_name)
     rows: list[torch.Tensor] = []
     texts = list(texts)
     for start in range(0, len(texts), batch_size):
@@ -121,12 +121,13 @@ def module_inputs(handle: ModelHandle, module_name: str, texts: Sequence[str], l
         batch = pad_batch(seqs, pad_id(tok), handle.device)
         with capture(handle.model, [module_name], inputs=True) as store:
             forward_until(handle.model, module_name, **batch.model_inputs())
-        inputs = store[module_name].float()
+        # an input is on the previous block's device while a device_map moves it only inside the module
+        inputs = store[module_name].to(device).float()
         if last_only:
-            last = torch.tensor([n - 1 for n in batch.lengths], device=inputs.device)
-            rows.append(inputs[torch.arange(len(seqs), device=inputs.device), last])
+            last = torch.tensor([n - 1 for n in batch.lengths], device=device)
+            rows.append(inputs[torch.arange(len(seqs), device=device), last])
         else:
-            rows.append(inputs[batch.attention_mask.bool()])
+            rows.append(inputs[batch.attention_mask.to(device).bool()])
     return torch.cat(rows)
 
 

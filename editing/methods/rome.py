@@ -156,7 +156,7 @@ class ROMEHyperParams(HParams):
 
 @dataclass
 class RomeUpdate:
-    """Every intermediate quantity of one ROME update (float32, on the model's device).
+    """Every intermediate quantity of one ROME update (float32, on the edited layer's device).
 
     Names follow the paper and kmeng01/rome: ``u`` is the reference's ``left_vector``, ``right``
     its ``right_vector``; ``v_star`` is ``target`` in ``compute_v`` and ``v_current`` its
@@ -213,7 +213,7 @@ def compute_rome_updates(handle: ModelHandle, requests: list[EditRequest], hpara
             second_moment_matrix = second_moment(
                 handle, layer, corpus=hp.mom2_corpus, n_samples=hp.mom2_n_samples,
                 progress=lambda f, m: progress(0.3 * f, m))
-        c = second_moment_matrix.to(handle.device, torch.float64)
+        c = second_moment_matrix.to(k_star.device, torch.float64)
         u = torch.linalg.solve(c, k_star.double().T).T.float()
     else:
         u = k_star.clone()

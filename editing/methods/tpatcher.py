@@ -218,6 +218,7 @@ class TPatcher(EditMethod):
         assert isinstance(hparams, TPatcherHParams)
         torch.manual_seed(hparams.seed)
         mlp_name = handle.arch.mlp_name(hparams.layer)
+        device = handle.module_device(mlp_name)  # the patch trains where its layer runs
         progress(0.0, "T-Patcher: reading the memory set")
         memory = _memory(handle, requests, hparams)
 
@@ -230,22 +231,23 @@ class TPatcher(EditMethod):
                 readout = last_block_readout(handle, batch.model_inputs())
             else:
                 handle.model(**batch.model_inputs())
-        queries = store[mlp_name].float()  # (rows, seq, d); the patch does not change its own input
+        queries = store[mlp_name].to(device).float()  # (rows, seq, d); the patch leaves its own input
+        scored = batch.scored.to(device)
         # Each request's first scored position is its prompt's last token: the key starts there.
-        first = batch.scored.float().argmax(-1)
-        q_last = queries[torch.arange(len(requests), device=queries.device), first]
+        first = scored.float().argmax(-1)
+        q_last = queries[torch.arange(len(requests), device=device), first]
         # The reference starts from k = q/‖q‖², b = 0 (activation 1 on the edit). Hidden states share
         # a large common component, so that key fires almost as much on every memory token; centring
         # on the memory mean μ keeps the activation 1 on the edit but starts the memory near 0.
         centred = q_last - memory.mean(0)
         keys = (centred / centred.pow(2).sum(-1, keepdim=True)).clone().requires_grad_(True)
         biases = (-(memory.mean(0) * keys).sum(-1)).detach().clone().requires_grad_(True)
-        values = torch.zeros(len(requests), handle.d_model, device=handle.device, requires_grad=True)
+        values = torch.zeros(len(requests), handle.d_model, device=device, requires_grad=True)
         optimizer = torch.optim.Adam([keys, biases, values], lr=hparams.lr, weight_decay=hparams.weight_decay)
         # Neuron j must fire at the last prompt token of row j (its own request). Later target
         # positions are left to the edit loss: a target's second token often follows from its first
         # alone, and forcing the patch on there would make it fire on every text with that token.
-        own = torch.zeros_like(batch.scored, dtype=torch.float)
+        own = torch.zeros_like(scored, dtype=torch.float)
         own[torch.arange(len(requests), device=own.device), first] = 1.0
 
         candidate = TPatch(method=self.name, requests=requests, hparams=hparams.to_dict(),
@@ -257,9 +259,9 @@ class TPatcher(EditMethod):
         try:
             for steps in range(1, hparams.max_steps + 1):
                 if readout is not None:
-                    logits = readout.logits(candidate.contribution(queries, act))
+                    logits = readout.logits(candidate.contribution(queries, act)).to(device)
                 else:
-                    logits = handle.model(**batch.model_inputs()).logits
+                    logits = handle.model(**batch.model_inputs()).logits.to(device)
                 edit_loss = target_nll(logits, batch).mean()
                 pre_edit = candidate.pre_activations(queries)  # (rows, seq, neurons)
                 own_act = pre_edit.diagonal(dim1=0, dim2=2).T  # (rows, seq): neuron j on row j

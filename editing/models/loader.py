@@ -44,6 +44,14 @@ class ModelHandle:
         """Every device holding parameters, in the order they first appear."""
         return list(dict.fromkeys(p.device for p in self.model.parameters()))
 
+    def module_device(self, name: str) -> torch.device:
+        """Where the named module runs: its first parameter's (or buffer's) device, else
+        :attr:`device`. Differs from :attr:`device` for a model sharded by a ``device_map``."""
+        module = self.module(name)
+        for tensor in (*module.parameters(), *module.buffers()):
+            return tensor.device
+        return self.device
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype

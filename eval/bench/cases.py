@@ -207,7 +207,7 @@ def bench_sequential_long(handle: ModelHandle, model: str, n: int, method: str =
     started = time.perf_counter()
     try:
         with session.stack_cache():
-            with measure(handle.device) as cost:
+            with measure(handle.devices) as cost:
                 for step, (request, probe) in enumerate(zip(requests, judge, strict=True), start=1):
                     def one_step(request: EditRequest = request, probe: Any = probe) -> Any:
                         edit = session.apply(method, request, hparams or None)
@@ -234,7 +234,7 @@ def bench_sequential_long(handle: ModelHandle, model: str, n: int, method: str =
             plain = EditSession(handle)
             for edit in session.edits:
                 plain.push(edit)
-            with measure(handle.device) as plain_cost:
+            with measure(handle.devices) as plain_cost:
                 _, row.restack_plain_s, _ = timed(lambda: enter(plain))
             row.restack_plain_peak_bytes = plain_cost.peak_memory_bytes
     except Exception as err:
