@@ -41,6 +41,13 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+#: accelerate's placement strategies (a JSON object names the device of each module instead)
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DEVICE_MAP_HELP = ("spread the model over several GPUs: auto, balanced, balanced_low_0, sequential, or a JSON "
+                   'object module -> device, e.g. \'{"model.embed_tokens": 0, "model.layers": 0, "lm_head": 1}\' '
+                   "(--device is then ignored)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m eval", description="EditScope experiments and stored runs.")
     common = argparse.ArgumentParser(add_help=False)
@@ -61,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                           "object from a file (a preset file's \"hparams\" object is taken as is)")
     run.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     run.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (GPU only)")
+    run.add_argument("--device-map", default=None, help=DEVICE_MAP_HELP)
     run.add_argument("--seed", type=int, default=0, help="seed of the demo cases")
     run.add_argument("--generations", action="store_true", help="also measure fluency of generations")
     run.add_argument("--out", type=Path, default=None, help="write the results to a .csv or .json file")
@@ -112,6 +120,9 @@ def _sweep_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     sweep.add_argument("--seed", type=int, default=0, help="seed of the demo cases")
     sweep.add_argument("--device", default=None, help="each worker's device: cpu, cuda, mps (default: best available)")
     sweep.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (GPU only)")
+    sweep.add_argument("--device-map", default=None,
+                       help="each worker's model over the GPUs Ray gives it (--gpus-per-worker above 1): "
+                            + DEVICE_MAP_HELP)
     sweep.add_argument("--address", default=None,
                        help="Ray cluster, e.g. ray://head:10001 (default: $RAY_ADDRESS, else a local cluster "
                             "started with `ray start`, else a new local Ray instance)")
@@ -157,6 +168,22 @@ def hparams_arg(text: str) -> dict[str, Any]:
     return value
 
 
+def device_map_arg(text: str | None) -> str | dict[str, int | str] | None:
+    """``--device-map``: one of :data:`DEVICE_MAP_STRATEGIES`, or a JSON object module -> device."""
+    if text is None:
+        return None
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, str)) for v in value.values()):
+        raise ValueError(f"--device-map {text!r}: give one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON object "
+                         'module -> device (a GPU number or "cuda:1").')
+    return value
+
+
 def _print_table(frame: pd.DataFrame) -> None:
     with pd.option_context("display.max_rows", 200, "display.max_columns", 30, "display.width", 160,
                            "display.float_format", "{:.3f}".format):
@@ -173,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
     hparams = hparams_arg(args.hparams) if args.hparams else None
     cases = load_dataset(args.data, fmt=args.fmt, limit=args.n, seed=args.seed)
     # a first use says what it waits for: a build or conversion, or another process's
-    handle = load_model(args.model, device=args.device, dtype=args.dtype,
+    handle = load_model(args.model, device=args.device, dtype=args.dtype, device_map=device_map_arg(args.device_map),
                         progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}", file=sys.stderr,
                                                                  flush=True))
     store = RunStore(args.store)
@@ -245,8 +272,10 @@ def _methods(_args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from eval.sweep import SweepSettings, plan_sweep, run_sweep, stored_done
 
+    device_map_arg(args.device_map)  # a bad map fails here, before any worker starts
     settings = SweepSettings(model=args.model, data=str(args.data), fmt=args.fmt, seed=args.seed, mode=args.mode,
-                             batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+                             batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                             device_map=args.device_map)
     plan = plan_sweep(settings, args.methods, args.grid, args.slices)  # refuses a bad grid before anything starts
     store = RunStore(args.store)
     if args.dry_run:

@@ -276,6 +276,8 @@ def method_hparams(items: Sequence[str], methods: Sequence[str]) -> dict[str, di
 
 
 def _parser() -> argparse.ArgumentParser:
+    from eval.cli import DEVICE_MAP_HELP
+
     parser = argparse.ArgumentParser(prog="python -m eval.realmodel",
                                      description="Results table of editing methods on a real model.")
     parser.add_argument("--model", default="smollm2-135m", help="model spec for editing.load_model")
@@ -286,6 +288,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=20, help="greedy tokens generated per probe (default 20)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (GPU only)")
+    parser.add_argument("--device-map", default=None, help=DEVICE_MAP_HELP)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"Markdown file (default {DEFAULT_OUT})")
     parser.add_argument("--records", type=Path, default=None,
                         help="also write the CounterFact-style records used (JSON; "
@@ -302,6 +305,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m eval.realmodel``; returns the exit status."""
     from editing.models.loader import load_model
+    from eval.cli import device_map_arg
 
     args = _parser().parse_args(argv)
     if args.n < 1:
@@ -314,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{100 * fraction:5.1f}%] {message}", file=sys.stderr, flush=True)
 
     try:
-        handle = load_model(args.model, device=args.device, dtype=args.dtype)
+        handle = load_model(args.model, device=args.device, dtype=args.dtype,
+                            device_map=device_map_arg(args.device_map))
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else ready_methods(handle)
         from editing.methods import get_method
 

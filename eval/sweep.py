@@ -102,6 +102,7 @@ class SweepSettings:
     batch_size: int = 1
     device: str | None = None
     dtype: str | None = None
+    device_map: str | None = None  # as `--device-map` takes it: each worker spreads its model over its GPUs
 
     @property
     def dataset(self) -> str:
@@ -344,8 +345,10 @@ class PointWorker:
     def handle(self) -> ModelHandle:
         if self._handle is None:
             from editing.models.loader import load_model
+            from eval.cli import device_map_arg
 
-            self._handle = load_model(self.settings.model, device=self.settings.device, dtype=self.settings.dtype)
+            self._handle = load_model(self.settings.model, device=self.settings.device, dtype=self.settings.dtype,
+                                      device_map=device_map_arg(self.settings.device_map))
         return self._handle
 
     def validate(self, checks: list[tuple[str, dict[str, Any]]], cases: list[EditCase]) -> list[str]:

@@ -91,3 +91,20 @@ def test_run_experiment_refuses_n_below_one(demo_handle):
     for n in (-1, 0, 1.5):
         with pytest.raises(ValueError, match="at least 1"):
             run_experiment(demo_handle, "ROME", cases, n=n)
+
+
+def test_device_map_option(demo_handle, rank_one_method, tmp_path, capsys):
+    """``--device-map`` takes accelerate's strategies or a JSON object and reaches the loader."""
+    from eval.cli import device_map_arg
+
+    assert device_map_arg("balanced") == "balanced" and device_map_arg(None) is None
+    assert device_map_arg('{"transformer.h": 0, "lm_head": "cuda:1"}') == {"transformer.h": 0, "lm_head": "cuda:1"}
+    store = tmp_path / "runs.sqlite"
+    for bad in ("everywhere", "[0, 1]", '{"lm_head": [0]}'):
+        assert main(["run", "--method", rank_one_method, "--device-map", bad, "--store", str(store), "--quiet"]) == 2
+        assert "--device-map" in capsys.readouterr().err
+    assert not store.exists()  # refused before the model loads or a store is opened
+    # a map placing every module on the CPU: loaded through accelerate, and the run works
+    assert main(["run", "--model", "demo", "--method", rank_one_method, "--data", "demo", "--n", "1",
+                 "--device-map", '{"": "cpu"}', "--store", str(store), "--quiet"]) == 0
+    assert "run 1 stored" in capsys.readouterr().out

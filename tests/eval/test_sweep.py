@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from eval.cli import main
 from eval.store import RunStore
@@ -46,12 +47,31 @@ def test_grid_syntax():
     (["--methods", "ROME", "--grid", "FT-L:lr=0.1"], "which --methods does not list"),
     (["--methods", "ROME", "--slices", "0:100000"], "ends after the data set's"),
     ([], "No methods"),
+    (["--methods", "ROME", "--device-map", "everywhere"], "--device-map 'everywhere'"),
 ])
 def test_a_bad_grid_is_refused_before_anything_starts(tmp_path, capsys, argv, phrase):
     store = tmp_path / "runs.sqlite"
     assert main(["sweep", "--store", str(store), *argv]) == 2
     assert phrase in capsys.readouterr().err
     assert not store.exists() or RunStore(store).list_runs().empty
+
+
+def test_a_worker_loads_its_model_with_the_sweeps_device_map(monkeypatch):
+    """With several GPUs per worker, each worker spreads its own model over them (no Ray needed
+    here: the worker's class is used directly, the loader spied on)."""
+    import editing.models.loader as loader
+    from eval.sweep import PointWorker, SweepSettings
+
+    seen = {}
+    monkeypatch.setattr(loader, "load_model", lambda spec, **kwargs: seen.update(spec=spec, **kwargs) or "handle")
+    threads = torch.get_num_threads()
+    try:  # the worker sets this process's torch threads
+        worker = PointWorker(SweepSettings(model="some-8b", device_map='{"model.layers": 0, "lm_head": 1}'), threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert worker.handle() == "handle"
+    assert seen == {"spec": "some-8b", "device": None, "dtype": None,
+                    "device_map": {"model.layers": 0, "lm_head": 1}}
 
 
 def test_the_cli_does_not_import_ray():
