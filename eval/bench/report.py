@@ -11,7 +11,7 @@ import pandas as pd
 
 from editing.storage.files import atomic_write_text
 from eval.bench.common import describe_machine
-from eval.bench.rows import BenchResults
+from eval.bench.rows import BenchResults, scaling_ratio
 from eval.realcost import cost_markdown
 
 
@@ -67,7 +67,11 @@ def markdown_report(results: BenchResults) -> str:
         sizes = sorted({r.n for r in rows})
         if mode == "sequential" and len(sizes) > 4:
             sizes = sorted({sizes[0], sizes[1], sizes[len(sizes) // 2], sizes[-1]})
-        lines += ["", f"### {title}, seconds (peak MiB) — demo model", "",
+        reference = ("per request, relative to one request (n=1)" if mode == "batch"
+                     else "relative to the first edit (n=1)")
+        lines += ["", f"### {title}, seconds (peak MiB) ×ratio — demo model", "",
+                  f"×: the time {reference}, both measured in this run (on a shared machine the ratio holds "
+                  "better than the seconds).", "",
                   "| method | " + " | ".join(f"n={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
         for method in dict.fromkeys(r.method for r in rows):
             cells = []
@@ -78,7 +82,9 @@ def markdown_report(results: BenchResults) -> str:
                 elif cell.status != "ok":
                     cells.append(cell.status)
                 else:
-                    cells.append(f"{cell.wall_s:.2f} ({cell.peak_memory_bytes / 2 ** 20:.0f})")
+                    ratio = scaling_ratio(rows, cell)
+                    shown = f" ×{ratio:.2f}" if not math.isnan(ratio) and cell.n != 1 else ""
+                    cells.append(f"{cell.wall_s:.2f} ({cell.peak_memory_bytes / 2 ** 20:.0f}){shown}")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     for r in results.sequential_long:
         lines += ["", f"### Long sequential run — {r.n} {r.method} edits, {r.model} model", ""]

@@ -115,7 +115,8 @@ class BenchResults:
     def frames(self) -> dict[str, pd.DataFrame]:
         return {
             "latency": pd.DataFrame([asdict(r) for r in self.latency], columns=columns_of(LatencyRow)),
-            "scaling": pd.DataFrame([asdict(r) for r in self.scaling], columns=columns_of(ScalingRow)),
+            "scaling": pd.DataFrame([{**asdict(r), "ratio_to_n1": scaling_ratio(self.scaling, r)}
+                                     for r in self.scaling], columns=[*columns_of(ScalingRow), "ratio_to_n1"]),
             "targets": pd.DataFrame([asdict(r) for r in self.targets], columns=columns_of(TargetRow)),
             "real_cost": pd.DataFrame([c.as_dict() for c in self.real_costs]),
             "sequential_long": pd.DataFrame([asdict(r) for r in self.sequential_long],
@@ -124,6 +125,18 @@ class BenchResults:
                                                   columns=["model", "method", "step", "step_s", "step_cpu_s",
                                                            "edit_s", "overhead_s", "rss_bytes"]),
         }
+
+
+def scaling_ratio(rows: list[ScalingRow], row: ScalingRow) -> float:
+    """``row``'s time against the same method's n = 1 in the same run: per request for a batch
+    (``wall / n / wall₁``: below 1, batching pays), the n-th edit against the first for sequential
+    editing. NaN without a measured n = 1."""
+    first = next((r for r in rows if r.method == row.method and r.mode == row.mode and r.n == 1
+                  and r.status == "ok" and r.wall_s > 0), None)
+    if first is None or row.status != "ok":
+        return math.nan
+    per = row.wall_s / row.n if row.mode == "batch" else row.wall_s
+    return per / first.wall_s
 
 
 def columns_of(cls: type) -> list[str]:

@@ -166,3 +166,19 @@ def test_tiny_models_get_the_few_step_editor_even_with_train(monkeypatch):
     assert "training failed" in problem and asked == [train.TRAINERS["MEND"].quick]
     cases.ensure_ready(tiny_model("gpt2"), "MEND", train=True, log=lambda _m: None, quick=False)
     assert asked[-1] is None  # the demo model with --train: the default config
+
+
+def test_scaling_figures_come_with_their_ratio_to_one_request_in_the_same_run():
+    results = rows.BenchResults(machine=common.machine_info(torch.device("cpu")), config={})
+    for mode, n, wall in (("batch", 1, 2.0), ("batch", 10, 5.0), ("sequential", 1, 2.0), ("sequential", 6, 3.0)):
+        results.scaling.append(rows.ScalingRow(model="demo", method="ROME", mode=mode, n=n, status="ok", wall_s=wall))
+    results.scaling.append(rows.ScalingRow(model="demo", method="KN", mode="batch", n=10, status="ok", wall_s=9.0))
+    frame = results.frames()["scaling"].set_index(["method", "mode", "n"])["ratio_to_n1"]
+    assert frame["ROME", "batch", 10] == pytest.approx(0.25)  # 0.5 s per request against 2 s alone
+    assert frame["ROME", "sequential", 6] == pytest.approx(1.5)  # the 6th edit against the first
+    assert frame["ROME", "batch", 1] == pytest.approx(1.0)
+    assert math.isnan(frame["KN", "batch", 10])  # no n=1 measured: no ratio
+    markdown = report.markdown_report(results)
+    assert "| ROME | 2.00 (0) | 5.00 (0) ×0.25 |" in markdown
+    assert "| ROME | 2.00 (0) | 3.00 (0) ×1.50 |" in markdown
+    assert "| KN | – | 9.00 (0) |" in markdown
