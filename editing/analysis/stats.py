@@ -26,12 +26,12 @@ Qwen2-7B                  18,944  2.87 GB  1.44 GB
 ========================  ======  =======  =========================================
 
 * collecting ``L`` layers: ``L·M`` of float64 running sums, plus per batch one float32 product
-  (M/2) on the model's device and the captured keys (tokens × d_ff per layer). The sums stay on
-  the model's device when they fit in its free memory, else they go to host memory
-  (:func:`accumulation_device`; each batch's float32 product is then copied over, ~M/2 per layer
-  and batch). Either way each product is added in float64, so the result is the same bit for
-  bit. GPT-J's 6 MEMIT layers need 12.9 GB of sums: on the device of an 80 GB GPU beside the 12 GB
-  bfloat16 model, in host memory on a 24 GB one;
+  (M/2) on the layer's device and the captured keys (tokens × d_ff per layer). The sums stay on
+  their layer's device (each GPU's own layers, for a sharded model) when they fit in its free
+  memory, else they go to host memory (:func:`accumulation_devices`; each batch's float32 product
+  is then copied over, ~M/2 per layer and batch). Either way each product is added in float64,
+  so the result is the same bit for bit. GPT-J's 6 MEMIT layers need 12.9 GB of sums: on the
+  device of an 80 GB GPU beside the 12 GB bfloat16 model, in host memory on a 24 GB one;
 * the moments returned are float32 on the CPU (``M/2`` per layer; at most
   :data:`MEMORY_BUDGET_BYTES` of them stay cached in memory);
 * consumers move one to the device in float64 for a solve: ROME about 2M (``C`` and the
@@ -325,13 +325,23 @@ def fits_on(device: torch.device | str, n_bytes: int, dtype: torch.dtype = torch
     return free is not None and n_bytes <= DEVICE_HEADROOM * free
 
 
-def accumulation_device(handle: ModelHandle, n_layers: int, precision: torch.dtype = torch.float64) -> torch.device:
-    """Where :func:`collect_second_moments` keeps its running sums: the model's device when the
-    ``n_layers`` sums (plus one batch's float32 product) fit there, else the CPU."""
+def accumulation_devices(handle: ModelHandle, layers: Sequence[int],
+                         precision: torch.dtype = torch.float64) -> dict[int, torch.device]:
+    """Where :func:`collect_second_moments` keeps each layer's running sum: on the device the layer
+    runs on when that device's sums (plus one batch's float32 product) fit in its free memory, else
+    the CPU. One device holds all of them or none; a model sharded by a ``device_map`` has each GPU
+    hold the sums of its own layers."""
     d_ff = handle.d_ff
     itemsize = torch.empty((), dtype=precision).element_size()
-    needed = n_layers * d_ff * d_ff * itemsize + d_ff * d_ff * 4
-    return handle.device if fits_on(handle.device, needed, precision) else torch.device("cpu")
+    by_device: dict[torch.device, list[int]] = {}
+    for layer in layers:
+        by_device.setdefault(handle.module_device(handle.arch.mlp_out_name(layer)), []).append(layer)
+    where: dict[int, torch.device] = {}
+    for device, group in by_device.items():
+        needed = len(group) * d_ff * d_ff * itemsize + d_ff * d_ff * 4
+        place = device if fits_on(device, needed, precision) else torch.device("cpu")
+        where.update(dict.fromkeys(group, place))
+    return where
 
 
 # -- collection -----------------------------------------------------------------------------------
@@ -345,7 +355,7 @@ def collect_second_moments(handle: ModelHandle, layers: Sequence[int], texts: Se
 
     Each batch's sum of outer products is taken in float32 on the layer's device and added to a
     running sum kept in ``precision`` (float64 by default) on ``accumulate_on`` (default:
-    :func:`accumulation_device`, the model's device when the sums fit there, else the CPU; the
+    :func:`accumulation_devices`, each layer's device when the sums fit there, else the CPU; the
     result is the same bit for bit either way). Returns (layer -> ``(d_ff, d_ff)`` moment in
     ``precision`` on that device, token count). Memory: see the module docstring.
     """
@@ -359,9 +369,9 @@ def collect_second_moments(handle: ModelHandle, layers: Sequence[int], texts: Se
     if not seqs:
         raise StatsError("None of the statistics texts produced a token.")
     d_ff = handle.d_ff
-    where = torch.device(accumulate_on) if accumulate_on is not None else \
-        accumulation_device(handle, len(layers), precision)
-    sums = {layer: torch.zeros(d_ff, d_ff, dtype=precision, device=where) for layer in layers}
+    where = dict.fromkeys(layers, torch.device(accumulate_on)) if accumulate_on is not None else \
+        accumulation_devices(handle, layers, precision)
+    sums = {layer: torch.zeros(d_ff, d_ff, dtype=precision, device=where[layer]) for layer in layers}
     n_tokens = 0
     n_batches = (len(seqs) + batch_size - 1) // batch_size
     with capture(handle.model, names.values(), inputs=True) as store:
@@ -375,7 +385,7 @@ def collect_second_moments(handle: ModelHandle, layers: Sequence[int], texts: Se
                 # taken where the layer's keys are (a device_map spreads layers over devices) and
                 # moved as float32; add_ widens it there, exactly as `.to(precision)` would.
                 keys = store[name][mask.to(store[name].device)].float()
-                sums[layer].add_((keys.T @ keys).to(where))
+                sums[layer].add_((keys.T @ keys).to(where[layer]))
             n_tokens += int(mask.sum())
             if progress is not None:
                 progress((index + 1) / n_batches, f"second-moment statistics: batch {index + 1}/{n_batches}")

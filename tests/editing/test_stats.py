@@ -142,13 +142,22 @@ def test_running_sums_stay_on_the_device_only_where_they_fit(monkeypatch):
     """LLaMA-3-8B's d_ff = 14,336: one float64 d_ff² sum is 1.64 GB; 5 layers need 8.2 GB plus one
     batch's float32 product (0.82 GB)."""
     assert 8 * 14_336**2 == pytest.approx(1.64e9, rel=1e-2)
-    gpu = SimpleNamespace(device=torch.device("cuda", 0), d_ff=14_336)
+    def model_on(*devices: torch.device) -> SimpleNamespace:  # layer i on devices[i * len(devices) // 8]
+        return SimpleNamespace(d_ff=14_336, arch=SimpleNamespace(mlp_out_name=str),
+                               module_device=lambda name: devices[int(name) * len(devices) // 8])
+
+    gpu, gpus = torch.device("cuda", 0), (torch.device("cuda", 0), torch.device("cuda", 1))
+    layers = [3, 4, 5, 6, 7]
     monkeypatch.setattr(stats, "free_device_bytes", lambda _device: 60 * 10**9)  # 80 GB card, model loaded
-    assert stats.accumulation_device(gpu, 5) == torch.device("cuda", 0)
+    assert set(stats.accumulation_devices(model_on(gpu), layers).values()) == {gpu}
     monkeypatch.setattr(stats, "free_device_bytes", lambda _device: 8 * 10**9)  # 24 GB card, model loaded
-    assert stats.accumulation_device(gpu, 5) == torch.device("cpu")
-    assert stats.accumulation_device(gpu, 1) == torch.device("cuda", 0)
-    assert stats.accumulation_device(SimpleNamespace(device=torch.device("cpu"), d_ff=14_336), 5).type == "cpu"
+    assert set(stats.accumulation_devices(model_on(gpu), layers).values()) == {torch.device("cpu")}
+    assert stats.accumulation_devices(model_on(gpu), [4]) == {4: gpu}
+    # sharded over two 24 GB cards: layers 3 (first GPU) and 4-7 (second); 1.64 GB + 0.82 GB fit on
+    # the first, 4 × 1.64 GB + 0.82 GB do not fit on the second
+    expected = {3: gpus[0], **dict.fromkeys(layers[1:], torch.device("cpu"))}
+    assert stats.accumulation_devices(model_on(*gpus), layers) == expected
+    assert set(stats.accumulation_devices(model_on(torch.device("cpu")), layers).values()) == {torch.device("cpu")}
     assert not stats.fits_on("mps", 8, torch.float64)  # MPS has no float64
 
 
