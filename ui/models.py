@@ -18,13 +18,18 @@ from ui.state import ModelChoice
 
 DEMO = "demo"
 DTYPES = ("float32", "bfloat16", "float16")
+#: the layers spread over every visible GPU (``device_map="auto"``), for a model larger than one
+ALL_GPUS = "all GPUs"
 
 
 def device_options() -> list[str]:
-    """Devices this machine offers ("auto" picks CUDA, then MPS, then CPU)."""
+    """Devices this machine offers ("auto" picks CUDA, then MPS, then CPU; "all GPUs" where there
+    are several)."""
     options = ["auto", "cpu"]
     if torch.cuda.is_available():
         options.append("cuda")
+        if torch.cuda.device_count() > 1:
+            options.append(ALL_GPUS)
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         options.append("mps")
@@ -50,6 +55,8 @@ def cached_model_ids() -> list[str]:
 
 @st.cache_resource(show_spinner=False, max_entries=2)
 def _shared_handle(spec: str, device: str, dtype: str) -> ModelHandle:
+    if device == ALL_GPUS:
+        return load_model(spec, dtype=dtype, device_map="auto")
     return load_model(spec, device=None if device == "auto" else device, dtype=dtype)
 
 

@@ -69,7 +69,9 @@ def _model_section(state: AppState) -> Context:
                              placeholder="e.g. gpt2-xl or /models/pythia-1b").strip()
     devices = device_options()
     left, right = st.columns(2)
-    device = left.selectbox("Device", devices, key="sb_device")
+    device = left.selectbox("Device", devices, key="sb_device",
+                            help="\"all GPUs\" spreads the model's layers over every GPU (for a model larger "
+                                 "than one); edits then work on each layer where it lives.")
     cpu = resolves_to_cpu(device)
     dtype = right.selectbox("Precision", DTYPES, key="sb_dtype", disabled=cpu,
                             help="Models run in float32 on the CPU; half precision is offered on a GPU.")
@@ -88,7 +90,8 @@ def _model_section(state: AppState) -> Context:
     handle = ctx.handle
     st.caption(f"{handle.arch.family} · {handle.n_layers} layers · d_model {handle.d_model} · "
                f"{sum(p.numel() for p in handle.model.parameters()) / 1e6:.1f} M parameters · "
-               f"{handle.device.type} · {str(handle.dtype).removeprefix('torch.')}")
+               f"{' + '.join(str(d) for d in handle.devices) if len(handle.devices) > 1 else handle.device.type} · "
+               f"{str(handle.dtype).removeprefix('torch.')}")
     return ctx
 
 

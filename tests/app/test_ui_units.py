@@ -323,3 +323,18 @@ def test_example_fact_follows_the_model_until_the_person_types(monkeypatch):
     follow_model_default(state)
     assert fake_session[fact_key("pg", "target_new")] == "Germany"
     assert fake_session[fact_key("pg", "prompt")] == DEMO_FACT.prompt and state.fact == DEMO_FACT
+
+
+def test_several_gpus_offer_a_model_spread_over_all_of_them(monkeypatch):
+    from ui import models
+
+    assert models.ALL_GPUS not in models.device_options()  # this machine: no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert models.device_options()[-2:] == ["cuda", models.ALL_GPUS]
+    seen = []
+    monkeypatch.setattr(models, "load_model", lambda spec, **kwargs: seen.append((spec, kwargs)))
+    models._shared_handle.__wrapped__("some-8b", models.ALL_GPUS, "bfloat16")
+    models._shared_handle.__wrapped__("some-8b", "cuda", "bfloat16")
+    assert seen == [("some-8b", {"dtype": "bfloat16", "device_map": "auto"}),
+                    ("some-8b", {"device": "cuda", "dtype": "bfloat16"})]
