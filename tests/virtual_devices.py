@@ -124,6 +124,8 @@ class VirtualDevices(TorchFunctionMode):
         else:
             target = self._common_device(func, args, kwargs)
         result = func(*args, **kwargs)
+        if requested is not None and any(result is arg for arg in args):
+            result = result.clone()  # as_tensor(t, device=...) on another device is a copy, not t
         if func is torch.autograd.grad:  # gradients live with their inputs
             inputs = args[1] if len(args) > 1 else kwargs["inputs"]
             inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
