@@ -162,8 +162,8 @@ class ModelMeanEncoder(SentenceEncoder):
         block = handle.arch.block_name(self.layer)
         with handle.lock, capture(handle.model, [block]) as store:
             forward_until(handle.model, block, **batch.model_inputs())
-        hidden = store[block].float()
-        mask = batch.attention_mask.unsqueeze(-1).float()
+        hidden = store[block].float()  # on the block's device (another GPU when the model is sharded)
+        mask = batch.attention_mask.to(hidden.device).unsqueeze(-1).float()
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 

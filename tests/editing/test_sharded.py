@@ -201,3 +201,29 @@ def test_evaluation_scope_map_and_causal_trace_on_a_sharded_demo_model():
     for kind, trace in traces.items():
         torch.testing.assert_close(sharded_traces[kind].scores, trace.scores, rtol=1e-5, atol=1e-6, msg=kind)
     assert get_method("ROME").name == sharded_outcome.edit.method
+
+
+def test_runs_and_the_models_own_sentence_encoder_on_a_sharded_demo_model():
+    """A sequential run (stack cache) and a batch run with generations, and the fallback sentence
+    encoder (mean hidden state of a middle block, on another GPU), as on one device."""
+    from editing.analysis.embeddings import sentence_encoder
+    from eval.datasets import load_dataset
+    from eval.runs import run_experiment
+
+    plain, handle = load_model("demo"), load_model("demo")
+    gpus = VirtualDevices()
+    shard(handle, gpus, n_devices=3)
+    cases = load_dataset("demo", limit=4)
+    texts = ["The Eiffel Tower is in Paris.", "Rome"]
+    results = []
+    for model, simulation in ((plain, None), (handle, gpus)):
+        with cuda_runtime(), (simulation or nullcontext()):
+            runs = [run_experiment(model, "MEMIT", cases, mode=mode, batch_size=2, generations=True).summary
+                    for mode in ("sequential", "batch")]
+            vectors = sentence_encoder(model, "model").encode(texts)
+        results.append((runs, vectors))
+    (runs, vectors), (sharded_runs, sharded_vectors) = results
+    for run, sharded_run in zip(runs, sharded_runs, strict=True):
+        judged = [c for c in run.columns if "time" not in c and "memory" not in c]  # costs differ
+        assert sharded_run[judged].equals(run[judged])
+    assert torch.equal(sharded_vectors, vectors)
