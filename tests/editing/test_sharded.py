@@ -122,17 +122,26 @@ def test_methods_spanning_several_gpus(method, hparams):
 @pytest.mark.parametrize("method", ["MEND", "KE", "SERAC"])
 def test_learned_editors_train_and_edit_on_a_sharded_model(method, tmp_path, monkeypatch):
     """Training runs on the sharded model (editors on its first GPU, the gradient factors and
-    weight shifts moved between it and each layer's); the editor then edits the sharded model
-    exactly as the same model on one device."""
+    weight shifts moved between it and each layer's) and reports what it reports on one device,
+    held-out figures included; the editor then edits the sharded model exactly as the same model
+    on one device."""
     from editing.train import TRAINERS, train_editor
 
-    monkeypatch.setenv("EDITSCOPE_EDITORS", str(tmp_path))
+    def without_timings(report: dict) -> dict:
+        return {key: without_timings(value) if isinstance(value, dict) else value for key, value in report.items()
+                if "second" not in key and "time" not in key}
+
     get_method(method)  # importing the method registers its trainer
+    config = {**TRAINERS[method].quick, "n_eval": 6}
+    monkeypatch.setenv("EDITSCOPE_EDITORS", str(tmp_path / "one-device"))
+    _, expected = train_editor(tiny_model("llama"), method, config)
+    monkeypatch.setenv("EDITSCOPE_EDITORS", str(tmp_path / "sharded"))
     handle, gpus = sharded_tiny_llama()
     with cuda_runtime(), gpus:
-        folder, report = train_editor(handle, method, TRAINERS[method].quick)
+        folder, report = train_editor(handle, method, config)
         got = predictions(handle, [CAPITAL], method, {"checkpoint": str(folder)})
     assert report.get("history") or report.get("n_train_records")  # it trained (SERAC keeps no history)
+    assert without_timings(report) == without_timings(expected)
     assert got.equals(predictions(tiny_model("llama"), [CAPITAL], method, {"checkpoint": str(folder)}))
 
 
