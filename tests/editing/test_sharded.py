@@ -92,10 +92,15 @@ def test_a_sharded_model_runs_with_each_block_on_its_gpu():
     assert torch.equal(logits, plain.model(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("method", UNTRAINED)
-def test_each_method_edits_a_sharded_model_as_it_edits_one_on_a_single_device(method):
-    expected = predictions(tiny_model("llama"), [CAPITAL], method)
-    handle, gpus = sharded_tiny_llama()
+def test_each_method_edits_a_sharded_model_as_it_edits_one_on_a_single_device(method, dtype):
+    """bfloat16 as a GPU loads by default: updates meet activations in the model's dtype on each
+    layer's device, float32 masters live with their weights."""
+    plain = tiny_model("llama")
+    plain.model.to(dtype)
+    expected = predictions(plain, [CAPITAL], method)
+    handle, gpus = sharded_tiny_llama(dtype=dtype)
     before = params_snapshot(handle)
     with cuda_runtime() as cuda, gpus:
         got = predictions(handle, [CAPITAL], method)
