@@ -4,7 +4,7 @@ Each layer's weights report their own ``cuda:i`` device and every operation is c
 checks it, so an index built on the model's first device and applied to a later layer's
 activations raises here as it would on real hardware. The arithmetic still runs on the CPU, so a
 sharded model must give exactly what the same model on one device gives: every test compares the
-two bit for bit.
+two bit for bit (the causal traces to float32 rounding, see the last tests).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def sharded_tiny_llama(n_devices: int = 4, dtype: torch.dtype = torch.float32):
     return handle, gpus
 
 
-def predictions(handle, requests, method: str, hparams: dict | None = None, gpus: VirtualDevices | None = None):
+def predictions(handle, requests, method: str, hparams: dict | None = None):
     """Probe predictions before and after ``method``'s edit, as a table (NaN-aware comparison)."""
     probes = probes_for_request(EIFFEL).probes[:8]
     session = EditSession(handle)
