@@ -40,7 +40,7 @@ import torch
 
 from editing.analysis.scoring import check_length
 from editing.core.edit import ParamDelta, WeightDelta
-from editing.core.hooks import capture, forward_until, modify
+from editing.core.hooks import at_positions, capture, forward_until, modify
 from editing.methods.context import fill
 from editing.models.tokens import encode, pad_batch, pad_id, subject_last_token, target_ids
 
@@ -102,9 +102,10 @@ def module_io_at_subject(handle: ModelHandle, module_name: str, templates: Seque
         with capture(handle.model, [module_name], inputs=True) as got_in, \
                 capture(handle.model, [module_name]) as got_out:
             forward_until(handle.model, module_name, **batch.model_inputs())
-        # a module's input can still be on the previous layer's device: accelerate moves it inside
-        ins.append(got_in[module_name].to(device)[rows, cols].float())
-        outs.append(got_out[module_name][rows, cols].float())
+        # a module's input can still be on the previous layer's device (accelerate moves it inside
+        # the module): gather the few positions there, then move only them
+        ins.append(at_positions(got_in[module_name], rows, cols).to(device).float())
+        outs.append(at_positions(got_out[module_name], rows, cols).float())
     return torch.cat(ins), torch.cat(outs)
 
 
@@ -348,13 +349,16 @@ def _optimise_chunk(handle: ModelHandle, requests: list[EditRequest], layer: int
                 stack.enter_context(modify(model, site_name, add_delta))
                 # Only the final norm's output is needed: the LM head runs on the few scored positions.
                 forward_until(model, norm_name, **batch.model_inputs())
-                hidden = hidden_store[norm_name].to(head_device)
-                logprobs = torch.log_softmax(lm_head(hidden[t_rows_t, t_pos_t]).float(), dim=-1)
+                # gather the scored positions where the norm ran, then move only those rows
+                hidden = hidden_store[norm_name]
+                scored = at_positions(hidden, t_rows_t, t_pos_t).to(head_device)
+                logprobs = torch.log_softmax(lm_head(scored).float(), dim=-1)
                 token_lp = logprobs.gather(1, t_ids_t[:, None])[:, 0]
                 row_lp = torch.zeros(len(seqs), device=head_device).index_add(0, t_rows_t, token_lp)
                 nll_each = -row_lp[rewrite_rows] / lengths_t[rewrite_owner]
                 nll = torch.zeros(n_req, device=head_device).index_add(0, rewrite_owner, nll_each) / n_ctx
-                kl_lp = torch.log_softmax(lm_head(hidden[kl_rows_t, kl_pos_t]).float(), dim=-1)
+                kl_lp = torch.log_softmax(lm_head(at_positions(hidden, kl_rows_t, kl_pos_t).to(head_device)).float(),
+                                          dim=-1)
                 if kl_init is None:
                     kl_init = kl_lp.detach().clone()
                 kl = hp.kl_factor * (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)

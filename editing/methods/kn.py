@@ -124,10 +124,11 @@ def last_position_logits(handle: ModelHandle, input_ids: torch.Tensor, attention
     final_norm = handle.arch.final_norm
     with capture(handle.model, [final_norm], detach=False) as store:
         forward_until(handle.model, final_norm, input_ids=input_ids, attention_mask=attention_mask)
-    head_device = handle.module_device(handle.arch.lm_head)
-    hidden = store[final_norm].to(head_device)
-    rows = torch.arange(hidden.shape[0], device=head_device)
-    return handle.module(handle.arch.lm_head)(at_positions(hidden, rows, positions))
+    hidden = store[final_norm]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    # gathered where the norm ran; only those rows move to the head's device
+    at_last = at_positions(hidden, rows, positions).to(handle.module_device(handle.arch.lm_head))
+    return handle.module(handle.arch.lm_head)(at_last)
 
 
 def neuron_attributions(handle: ModelHandle, prompts: Sequence[str], answer_ids: Sequence[int],

@@ -35,7 +35,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from editing.core.edit import Edit, handle_stack
-from editing.core.hooks import capture, forward_until
+from editing.core.hooks import at_positions, capture, forward_until
 from editing.core.request import EditRequest
 from editing.models.tokens import encode, pad_batch, pad_id
 from editing.storage.factbase import FactBase, Relation, is_memory_subject, load_corpus, load_factbase
@@ -121,13 +121,14 @@ def module_inputs(handle: ModelHandle, module_name: str, texts: Sequence[str], l
         batch = pad_batch(seqs, pad_id(tok), handle.device)
         with capture(handle.model, [module_name], inputs=True) as store:
             forward_until(handle.model, module_name, **batch.model_inputs())
-        # an input is on the previous block's device while a device_map moves it only inside the module
-        inputs = store[module_name].to(device).float()
+        # an input may still be on the previous block's device (a device_map moves it only inside
+        # the module): pick the tokens where it is, then move only them
+        inputs = store[module_name]
         if last_only:
-            last = torch.tensor([n - 1 for n in batch.lengths], device=device)
-            rows.append(inputs[torch.arange(len(seqs), device=device), last])
+            picked = at_positions(inputs, torch.arange(len(seqs)), torch.tensor([n - 1 for n in batch.lengths]))
         else:
-            rows.append(inputs[batch.attention_mask.to(device).bool()])
+            picked = inputs[batch.attention_mask.to(inputs.device).bool()]
+        rows.append(picked.to(device).float())
     return torch.cat(rows)
 
 
